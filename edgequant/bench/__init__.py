@@ -1,0 +1,1 @@
+"""Perplexity, KL divergence, speed and reports (see issue: bench)."""

@@ -1,0 +1,279 @@
+"""Open a Hugging Face model folder once: config, a lazy tensor index, tokenizer files, model card.
+
+Tensors are never loaded as a whole model. Each :class:`TensorRef` reads the rows it is asked
+for: safetensors through its memory map (``get_slice``), ``pytorch_model*.bin`` through
+``torch.load(weights_only=True, mmap=True)``. So converting a 47 GB Mixtral touches one slice
+at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgequant.errors import EdgequantError
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class TensorRef:
+    """One tensor of the checkpoint, read lazily."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    _open: Callable[[], Any] = field(repr=False, default=None)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read ``tensor[index][rows[0]:rows[1]]`` without loading the rest of the tensor."""
+        handle = self._open()
+        key: tuple = tuple(index)
+        if rows is not None:
+            key = key + (slice(rows[0], rows[1]),)
+        try:
+            if hasattr(handle, "get_slice"):
+                sl = handle.get_slice(self.name)
+                t = sl[key] if key else sl[:]
+            else:  # a mmap'ed torch state dict
+                t = handle[self.name][key] if key else handle[self.name]
+        except Exception as e:  # a truncated file fails here, at the first read of its data
+            raise EdgequantError(
+                f"cannot read tensor {self.name} from {self.file.name}: {e} (the file is truncated or corrupt; re-download it)"
+            ) from None
+        return t
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    files: list[Path]
+    readme: Path | None
+
+    @property
+    def hf_architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise EdgequantError(
+                f"{self.path / 'config.json'} names no architecture ('architectures' is empty); add the HF class name, e.g. \"MistralForCausalLM\""
+            )
+        return archs[0]
+
+    def file(self, name: str) -> Path | None:
+        p = self.path / name
+        return p if p.is_file() else None
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        p = self.file(name)
+        if p is None:
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise EdgequantError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+
+    def source_dtype(self) -> torch.dtype | None:
+        """The dtype of the first matrix, as llama.cpp's ``--outtype auto`` decides it."""
+        for ref in self.tensors.values():
+            if len(ref.shape) >= 2:
+                return ref.dtype
+        return None
+
+    def fingerprint(self) -> str:
+        """A hash of config, tensor index, tokenizer files and weight-file headers.
+
+        Cheap (no tensor data is read) yet changes when any weight file is replaced, because a
+        safetensors header records every tensor's byte range.
+        """
+        h = hashlib.sha256()
+        h.update((self.path / "config.json").read_bytes())
+        for name in sorted(self.tensors):
+            ref = self.tensors[name]
+            h.update(f"{name}|{ref.dtype}|{ref.shape}|{ref.file.name}\n".encode())
+        for fname in TOKENIZER_FILES:
+            p = self.file(fname)
+            if p is not None:
+                h.update(fname.encode())
+                h.update(p.read_bytes())
+        for f in self.files:
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".safetensors":
+                h.update(_safetensors_header(f))
+        return h.hexdigest()
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A local folder, or a hub id (``org/name``) fetched with huggingface_hub when online."""
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise EdgequantError(f"{p} is a file; pass the model folder (the one holding config.json)")
+        return p
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(
+                    text,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.md", "*.txt"],
+                )
+            )
+        except Exception as e:
+            raise EdgequantError(
+                f"{text} is not a local folder and could not be fetched from the Hugging Face hub "
+                f"({type(e).__name__}); download it first (huggingface-cli download {text} --local-dir DIR) and pass DIR"
+            ) from None
+    raise EdgequantError(f"{p} does not exist; pass a Hugging Face model folder (with config.json) or a hub id org/name")
+
+
+def open_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
+    path = resolve_source(source)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise EdgequantError(f"no config.json in {path}: not a Hugging Face model folder (pass the folder that holds config.json)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EdgequantError(f"{cfg_path} is not valid JSON ({e}); fix or re-download it") from None
+    if "text_config" in config and isinstance(config["text_config"], dict):
+        config = {**config, **config["text_config"]}
+
+    files = _weight_files(path)
+    tensors: dict[str, TensorRef] = {}
+    for f in files:
+        for ref in (_index_safetensors(f) if f.suffix == ".safetensors" else _index_torch_bin(f)):
+            if ref.name in tensors:
+                raise EdgequantError(f"tensor {ref.name} appears in both {tensors[ref.name].file.name} and {f.name}; remove the stale file")
+            tensors[ref.name] = ref
+    readme = path / "README.md"
+    return Checkpoint(path=path, config=config, tensors=tensors, files=files, readme=readme if readme.is_file() else None)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise EdgequantError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise EdgequantError(f"{index.name} lists {missing[0]}, which is missing from {path}; download every shard")
+        return [path / n for n in names]
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return st
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise EdgequantError(f"no weights in {path}: expected model.safetensors, model-0000N-of-0000M.safetensors or pytorch_model.bin")
+
+
+def _safetensors_header(f: Path) -> bytes:
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise EdgequantError(f"{f} is truncated (no safetensors header); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise EdgequantError(f"{f} is not a safetensors file (header length {n}); re-download it")
+        data = fh.read(n)
+        if len(data) < n:
+            raise EdgequantError(f"{f} is truncated (header cut short); re-download it")
+        return data
+
+
+def _index_safetensors(f: Path) -> list[TensorRef]:
+    raw = _safetensors_header(f)
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError:
+        raise EdgequantError(f"{f} has a corrupt safetensors header; re-download it") from None
+    size = f.stat().st_size
+    hlen = len(raw)
+    refs = []
+    end_max = 0
+    handle_box: list[Any] = []
+
+    def opener() -> Any:
+        if not handle_box:
+            from safetensors import safe_open
+
+            try:
+                handle_box.append(safe_open(str(f), framework="pt"))
+            except Exception as e:
+                raise EdgequantError(f"cannot open {f.name}: {e} (truncated or corrupt; re-download it)") from None
+        return handle_box[0]
+
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise EdgequantError(f"{f.name}: tensor {name} has dtype {info['dtype']}, which edgequant cannot convert yet")
+        end_max = max(end_max, info["data_offsets"][1])
+        refs.append(TensorRef(name=name, shape=tuple(info["shape"]), dtype=dtype, file=f, _open=opener))
+    if 8 + hlen + end_max > size:
+        raise EdgequantError(
+            f"{f} is truncated: its header describes {8 + hlen + end_max} bytes, the file has {size}; re-download it"
+        )
+    return refs
+
+
+def _index_torch_bin(f: Path) -> list[TensorRef]:
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise EdgequantError(
+            f"cannot load {f.name} with torch.load(weights_only=True): {e} (edgequant never unpickles arbitrary code; "
+            f"convert it to safetensors or re-download it)"
+        ) from None
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return [
+        TensorRef(name=k, shape=tuple(v.shape), dtype=v.dtype, file=f, _open=lambda sd=sd: sd)
+        for k, v in sd.items()
+        if isinstance(v, torch.Tensor)
+    ]

@@ -1,0 +1,149 @@
+"""The ``edgequant`` command line: a thin layer over the library functions.
+
+Every command calls one library function and formats what it returns; ``--json`` prints that
+result as JSON on stdout (and silences progress bars) for CI. Errors a user can fix print one
+line on stderr and exit with status 2; Ctrl-C exits with 130 and leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgequant import progress
+from edgequant.errors import EdgequantError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ship Hugging Face causal LMs to the edge: GGUF, GPTQ, llama.cpp-exact benchmarks.")
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout (no progress bars).")
+
+
+def _run(fn: Callable[[], Any], as_json: bool) -> Any:
+    progress.set_quiet(as_json)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn()
+    except EdgequantError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: partial outputs were removed")
+        raise typer.Exit(130)
+
+
+def parse_size(text: str) -> int:
+    """``50G``, ``500M``, ``2K`` or a byte count; decimal units, like llama.cpp's --split-max-size."""
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise EdgequantError(f"--split-max-size {text!r}: use a size like 50G, 500M or a byte count") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="HF model folder (or hub id org/name when online)."),
+    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0 or auto (the source's 16-bit type)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder, or a .gguf file path. Default: current folder."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Embed this template (.jinja, or .json with chat_template) instead of the model's."),
+    template_bos: str = typer.Option("keep", "--template-bos", help="keep, or add: prepend {{ bos_token }} when the template lacks it but the model adds BOS."),
+    pre_tokenizer: Optional[str] = typer.Option(None, "--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name, when it cannot be identified."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split into shards of at most this size (e.g. 50G)."),
+    split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split into shards of at most this many tensors."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name for metadata and the file name."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Convert a Hugging Face checkpoint into GGUF (tokenizer and chat template embedded)."""
+    from edgequant.export.convert import convert as do_convert
+
+    result = _run(
+        lambda: do_convert(
+            source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
+            pre_tokenizer=pre_tokenizer, split_max_size=parse_size(split_max_size) if split_max_size else 0,
+            split_max_tensors=split_max_tensors, model_name=name, force=force,
+        ),
+        as_json,
+    )
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"{result.hf_architecture} -> GGUF {result.outtype}", show_header=False)
+    for f in result.files:
+        table.add_row("file", f)
+    table.add_row("parameters", f"{result.n_params:,}")
+    table.add_row("size", f"{_human(result.size_bytes)} ({result.bits_per_weight:.2f} bits/weight)")
+    table.add_row("tokenizer", f"{result.tokenizer} (pre: {result.pre_tokenizer})")
+    table.add_row("chat template", f"{result.chat_template_source or 'none'} (BOS: {result.bos_policy or '-'})")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    out.print(table)
+    for f in result.fallbacks:
+        err.print(f"[yellow]fallback:[/] {f}", highlight=False)
+    for n in result.notes:
+        err.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .gguf file (any shard of a split file)."),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show a GGUF's metadata, chat template, tensor types, size and bits/weight."""
+    from edgequant.gguf_info import inspect_gguf
+
+    info = _run(lambda: inspect_gguf(path), as_json)
+    if as_json:
+        print(json.dumps(info.to_dict(with_tensors=tensors), indent=2, default=str))
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_row("architecture", str(info.architecture))
+    table.add_row("name", str(info.name))
+    table.add_row("file type", str(info.file_type))
+    table.add_row("parameters", f"{info.n_params:,}")
+    table.add_row("size", f"{_human(info.size_bytes)} in {len(info.files)} file(s), {info.bits_per_weight:.2f} bits/weight")
+    table.add_row("tensor types", ", ".join(f"{k}: {v}" for k, v in sorted(info.type_counts.items())))
+    for k, v in info.metadata.items():
+        if k.startswith(("general.", "tokenizer.chat_template")) or k.startswith(f"{info.architecture}."):
+            continue
+        table.add_row(k, str(v))
+    for k, v in info.metadata.items():
+        if k.startswith(f"{info.architecture}.") or (k.startswith("general.") and k != "general.architecture"):
+            table.add_row(k, str(v))
+    out.print(table)
+    if info.chat_template:
+        out.print("[bold]chat template[/]")
+        out.print(info.chat_template, markup=False, highlight=False)
+    if tensors:
+        tt = Table("name", "type", "shape", "bytes")
+        for t in info.tensors:
+            tt.add_row(t.name, t.type, str(t.shape), f"{t.n_bytes:,}")
+        out.print(tt)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""The one exception type for errors a user can fix."""
+
+
+class EdgequantError(Exception):
+    """An error the user can fix; the message names the fix.
+
+    The CLI prints it as one line and exits with a non-zero status. Anything
+    else that escapes is a bug and keeps its traceback.
+    """

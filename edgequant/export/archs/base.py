@@ -1,0 +1,65 @@
+"""What every architecture module provides."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import gguf
+
+from edgequant.checkpoint import Checkpoint, TensorRef
+from edgequant.errors import EdgequantError
+from edgequant.export.plan import Part, PlannedTensor
+
+_MISSING = object()
+
+
+class Architecture:
+    """One model family: its GGUF architecture, its hyperparameters and its tensor layout."""
+
+    hf_names: ClassVar[tuple[str, ...]] = ()
+    gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    # HF tensor names that carry nothing llama.cpp needs
+    ignored = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        self.notes: list[str] = []  # decisions and fallbacks the user must be told about
+        self.n_blocks = int(self.hparam("num_hidden_layers", "n_layers", "n_layer"))
+        self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_blocks)
+
+    @property
+    def arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def hparam(self, *keys: str, default: Any = _MISSING) -> Any:
+        for k in keys:
+            if self.config.get(k) is not None:
+                return self.config[k]
+        if default is _MISSING:
+            raise EdgequantError(f"config.json lacks {keys[0]}; it is required for {self.ckpt.hf_architecture}")
+        return default
+
+    def tensor_name(self, key: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
+        return gguf.TENSOR_NAMES[key].format(bid=bid) + suffix
+
+    def mapped_name(self, hf_name: str) -> str | None:
+        return self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def single(self, gguf_name: str, ref: TensorRef, **part_kw: Any) -> PlannedTensor:
+        return PlannedTensor(name=gguf_name, parts=[Part(ref=ref, **part_kw)], sources=[ref.name])
+
+    def unexpected(self, hf_name: str) -> EdgequantError:
+        return EdgequantError(
+            f"tensor {hf_name} has no place in a {self.arch_name} GGUF; this {self.ckpt.hf_architecture} checkpoint "
+            f"has a layout edgequant does not know (see docs/adding-an-architecture.md)"
+        )
+
+    # -- what subclasses implement ------------------------------------------------------------
+
+    def write_hparams(self, writer: gguf.GGUFWriter) -> None:
+        raise NotImplementedError
+
+    def plan(self) -> list[PlannedTensor]:
+        raise NotImplementedError

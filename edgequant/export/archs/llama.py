@@ -1,0 +1,221 @@
+"""The llama family: Llama, Mistral and Mixtral all become GGUF architecture ``llama``.
+
+Layout rules (llama.cpp's, see docs/adding-an-architecture.md):
+- Q and K rows go from HF's rotate-half order to llama.cpp's interleaved order (K with n_kv_head).
+- Mixtral experts become ``blk.N.ffn_{gate,up,down}_exps``, 3-D stacks written expert by expert;
+  both the hub's per-expert names (``block_sparse_moe.experts.E.w1``) and transformers 5's fused
+  ``mlp.experts.gate_up_proj`` / ``down_proj`` are read. The router (``ffn_gate_inp``) stays F32.
+- A Llama 3 ``rope_type: llama3`` config becomes a ``rope_freqs`` tensor of per-dimension factors.
+- Mistral's sliding window: llama.cpp's ``llama`` architecture always attends to the whole context
+  and never reads a window key. We write ``llama.attention.sliding_window`` as information only
+  and say, when the window is shorter than the context, that beyond it llama.cpp differs from
+  transformers (as with every Mistral GGUF made by llama.cpp's own converter).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import gguf
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.export.archs import register
+from edgequant.export.archs.base import Architecture
+from edgequant.export.plan import Part, PlannedTensor
+
+T = gguf.MODEL_TENSOR
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+_EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+_EXPERT_TENSOR = {"gate": T.FFN_GATE_EXP, "up": T.FFN_UP_EXP, "down": T.FFN_DOWN_EXP}
+
+
+@register("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
+class Llama(Architecture):
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        self.n_head = int(self.hparam("num_attention_heads"))
+        self.n_kv_head = int(self.hparam("num_key_value_heads", default=self.n_head))
+        self.n_embd = int(self.hparam("hidden_size"))
+        self.head_dim = int(self.hparam("head_dim", default=self.n_embd // self.n_head))
+        rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        self.rope = dict(rope)
+        self.rope_theta = float(self.rope.get("rope_theta", self.hparam("rope_theta", default=10000.0)))
+        self.rope_type = self.rope.get("rope_type", self.rope.get("type"))
+        if self.rope_type == "default":
+            self.rope_type = None
+
+    # -- hyperparameters ----------------------------------------------------------------------
+
+    def write_hparams(self, w: gguf.GGUFWriter) -> None:
+        n_ctx = int(self.hparam("max_position_embeddings"))
+        w.add_vocab_size(int(self.hparam("vocab_size")))
+        w.add_context_length(n_ctx)
+        w.add_embedding_length(self.n_embd)
+        w.add_block_count(self.n_blocks)
+        w.add_feed_forward_length(int(self.hparam("intermediate_size")))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_kv_head)
+        w.add_rope_freq_base(self.rope_theta)
+        w.add_layer_norm_rms_eps(float(self.hparam("rms_norm_eps")))
+        w.add_rope_dimension_count(self.head_dim)
+        if self.config.get("head_dim") is not None:
+            w.add_key_length(self.head_dim)
+            w.add_value_length(self.head_dim)
+        self._write_rope_scaling(w)
+        window = self.config.get("sliding_window")
+        if window:
+            w.add_sliding_window(int(window))
+            if int(window) < n_ctx:
+                self.notes.append(
+                    f"sliding window {window} < context {n_ctx}: llama.cpp's llama architecture attends to the full "
+                    f"context (it ignores the window, like llama.cpp's own converter); up to {window} tokens the "
+                    f"logits equal transformers', beyond that they differ. Written as llama.attention.sliding_window "
+                    f"for information."
+                )
+
+    def _write_rope_scaling(self, w: gguf.GGUFWriter) -> None:
+        kind, factor = self.rope_type, self.rope.get("factor")
+        if kind is None or kind == "llama3":
+            return  # llama3 scaling travels as the rope_freqs tensor
+        if kind == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(factor))
+        elif kind == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(factor))
+            w.add_rope_scaling_orig_ctx_len(int(self.rope["original_max_position_embeddings"]))
+            for key, add in (
+                ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+            ):
+                if self.rope.get(key) is not None:
+                    add(float(self.rope[key]))
+        else:
+            raise EdgequantError(
+                f"rope scaling type {kind!r} is not supported for {self.ckpt.hf_architecture} "
+                f"(supported: linear, yarn, llama3); remove rope_scaling from config.json only if you know the model does not need it"
+            )
+
+    def _rope_freqs(self) -> np.ndarray:
+        """Per-dimension frequency divisors of Llama 3.1's ``llama3`` RoPE scaling."""
+        r = self.rope
+        factor = float(r.get("factor", 8.0))
+        low, high = float(r.get("low_freq_factor", 1.0)), float(r.get("high_freq_factor", 4.0))
+        old_ctx = float(r.get("original_max_position_embeddings", 8192))
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim))
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < old_ctx / high:
+                out.append(1.0)
+            elif wavelen > old_ctx / low:
+                out.append(factor)
+            else:
+                smooth = (old_ctx / wavelen - low) / (high - low)
+                out.append(1.0 / ((1 - smooth) / factor + smooth))
+        return np.asarray(out, dtype=np.float32)
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def plan(self) -> list[PlannedTensor]:
+        head: list[PlannedTensor] = []
+        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
+        tail: list[PlannedTensor] = []
+        experts: dict[int, dict] = {}
+        if self.rope_type == "llama3":
+            head.append(PlannedTensor(name=self.tensor_name(T.ROPE_FREQS), parts=[Part(data=self._rope_freqs())]))
+
+        for hf_name, ref in self.ckpt.tensors.items():
+            if self.ignored.search(hf_name):
+                continue
+            m = _PER_EXPERT.match(hf_name) or _FUSED.match(hf_name)
+            if m:
+                experts.setdefault(int(m.group(1)), {})[m.groups()[1:]] = ref
+                continue
+            name = self.mapped_name(hf_name)
+            if name is None:
+                raise self.unexpected(hf_name)
+            part_kw = {}
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                part_kw["permute_heads"] = self.n_head
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                part_kw["permute_heads"] = self.n_kv_head
+            pt = self.single(name, ref, **part_kw)
+            if name.endswith("ffn_gate_inp.weight"):
+                pt.keep_f32 = True
+            lm = _LAYER.match(hf_name)
+            if lm:
+                blocks[int(lm.group(1))].append(pt)
+            elif name.startswith(gguf.TENSOR_NAMES[T.TOKEN_EMBD]):
+                head.insert(0, pt)
+            else:
+                tail.append(pt)
+
+        for bid, found in sorted(experts.items()):
+            blocks[bid].extend(self._expert_stacks(bid, found))
+        self._check_complete(head, blocks, tail)
+        return head + [t for b in blocks for t in b] + tail
+
+    def _expert_stacks(self, bid: int, found: dict) -> list[PlannedTensor]:
+        n_expert = int(self.hparam("num_local_experts", "num_experts"))
+        n_ff = int(self.hparam("intermediate_size"))
+        parts: dict[str, list[Part]] = {"gate": [], "up": [], "down": []}
+        sources: dict[str, list[str]] = {"gate": [], "up": [], "down": []}
+        if any(len(k) == 2 for k in found):  # per-expert 2-D tensors, the hub's Mixtral layout
+            for role in parts:
+                for e in range(n_expert):
+                    key = next((k for k in found if len(k) == 2 and int(k[0]) == e and _EXPERT_ROLE[k[1]] == role), None)
+                    if key is None:
+                        raise EdgequantError(f"layer {bid}: expert {e} has no {role} weight; the checkpoint is incomplete")
+                    parts[role].append(Part(ref=found[key]))
+                    sources[role].append(found[key].name)
+        else:  # transformers 5 fused 3-D tensors
+            for (kind,), ref in found.items():
+                if len(ref.shape) != 3 or ref.shape[0] != n_expert:
+                    raise EdgequantError(f"{ref.name} has shape {list(ref.shape)}; expected [{n_expert}, ...] experts first")
+                if kind == "gate_up_proj":
+                    if ref.shape[1] != 2 * n_ff:
+                        raise EdgequantError(f"{ref.name} has shape {list(ref.shape)}; expected [{n_expert}, {2 * n_ff}, hidden]")
+                    for role, rows in (("gate", (0, n_ff)), ("up", (n_ff, 2 * n_ff))):
+                        parts[role] += [Part(ref=ref, index=(e,), rows=rows) for e in range(n_expert)]
+                        sources[role].append(ref.name)
+                else:
+                    role = _EXPERT_ROLE[kind]
+                    parts[role] += [Part(ref=ref, index=(e,)) for e in range(n_expert)]
+                    sources[role].append(ref.name)
+        out = []
+        for role in ("gate", "up", "down"):
+            if len(parts[role]) != n_expert:
+                raise EdgequantError(f"layer {bid}: found {len(parts[role])} {role} experts, config says {n_expert}")
+            out.append(PlannedTensor(name=self.tensor_name(_EXPERT_TENSOR[role], bid), parts=parts[role], sources=sources[role]))
+        return out
+
+    def _check_complete(self, head, blocks, tail) -> None:
+        names = {t.name for t in head + tail}
+        if self.tensor_name(T.TOKEN_EMBD) not in names:
+            raise EdgequantError("the checkpoint has no model.embed_tokens.weight; it is incomplete (download every shard)")
+        for bid, b in enumerate(blocks):
+            have = {t.name for t in b}
+            need = [self.tensor_name(k, bid) for k in (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM)]
+            missing = [n for n in need if n not in have]
+            if missing:
+                raise EdgequantError(f"the checkpoint lacks {missing[0]}'s source for layer {bid}; it is incomplete (download every shard)")
+
+
+@register("MixtralForCausalLM")
+class Mixtral(Llama):
+    """Mixtral: the llama layout plus 3-D expert stacks and an F32 router."""
+
+    def write_hparams(self, w: gguf.GGUFWriter) -> None:
+        super().write_hparams(w)
+        w.add_expert_count(int(self.hparam("num_local_experts", "num_experts")))
+        w.add_expert_used_count(int(self.hparam("num_experts_per_tok")))

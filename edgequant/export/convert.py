@@ -1,0 +1,144 @@
+"""``edgequant convert``: a Hugging Face folder to a GGUF file, as a library function."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+import edgequant
+from edgequant.checkpoint import open_checkpoint
+from edgequant.errors import EdgequantError
+from edgequant.export.archs import architecture_for
+from edgequant.export.gguf_file import OUTTYPES, choose_types, ftype_label, tensor_nbytes, write_gguf
+from edgequant.export.template import check_templates, find_templates
+from edgequant.export.vocab import build_vocab
+
+# Our own provenance keys, beside llama.cpp's.
+KEY_VERSION = "edgequant.version"
+KEY_FINGERPRINT = "edgequant.source.fingerprint"
+KEY_SOURCE_ARCH = "edgequant.source.architecture"
+KEY_BOS_POLICY = "edgequant.chat_template.bos"
+
+
+@dataclass
+class ConvertResult:
+    files: list[str]
+    outtype: str
+    architecture: str
+    hf_architecture: str
+    n_params: int
+    size_bytes: int
+    bits_per_weight: float
+    seconds: float
+    tokenizer: str
+    pre_tokenizer: str
+    chat_template_source: str | None
+    bos_policy: str | None
+    fingerprint: str
+    fallbacks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_outtype(outtype: str, source_dtype: torch.dtype | None) -> gguf.LlamaFileType:
+    key = outtype.lower()
+    if key == "auto":  # llama.cpp's rule: the first matrix's dtype, F16 otherwise
+        return OUTTYPES["bf16"] if source_dtype == torch.bfloat16 else OUTTYPES["f16"]
+    if key not in OUTTYPES:
+        raise EdgequantError(f"--outtype {outtype!r} is not a converter type; use one of {', '.join([*OUTTYPES, 'auto'])} (k-quants: edgequant quantize)")
+    return OUTTYPES[key]
+
+
+def convert(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    outtype: str = "auto",
+    chat_template: str | Path | None = None,
+    template_bos: str = "keep",
+    pre_tokenizer: str | None = None,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+    model_name: str | None = None,
+    force: bool = False,
+) -> ConvertResult:
+    """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
+    t0 = time.perf_counter()
+    if template_bos not in ("keep", "add"):
+        raise EdgequantError(f"--template-bos {template_bos!r}: use keep or add")
+    ckpt = open_checkpoint(source)
+    arch = architecture_for(ckpt.hf_architecture)(ckpt)
+    ftype = resolve_outtype(outtype, ckpt.source_dtype())
+
+    vocab = build_vocab(ckpt, pre_tokenizer)
+    templates = find_templates(ckpt, Path(chat_template) if chat_template else None)
+    check_templates(templates, bos_token=vocab.token_text("bos"), eos_token=vocab.token_text("eos"),
+                    add_bos=vocab.add_bos, template_bos=template_bos)
+
+    plan = arch.plan()
+    choices = choose_types(plan, ftype)
+    fingerprint = ckpt.fingerprint()
+
+    # Parameter counts for the size label, as gguf-py's writer counts them (experts apart).
+    counter = gguf.GGUFWriter(path=None, arch=arch.arch_name)
+    for c in choices:
+        counter.add_tensor_info(c.planned.name, c.planned.shape, np.dtype(np.float32), 0, raw_dtype=c.qtype)
+    total, shared, expert, n_expert = counter.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, ckpt.path, model_name, total)
+    if meta.name is None:
+        meta.name = ckpt.path.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+
+    out = Path(output) if output is not None else Path.cwd()
+    if out.suffix == ".gguf":
+        final = out
+    else:
+        stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, ftype_label(ftype))
+        final = out / f"{stem}.gguf"
+
+    def add_metadata(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.MODEL)
+        meta.set_gguf_meta_model(w)
+        arch.write_hparams(w)
+        w.add_file_type(ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.write(w)
+        value = templates.gguf_value()
+        if value is not None:
+            w.add_chat_template(value)
+        w.add_string(KEY_VERSION, edgequant.__version__)
+        w.add_string(KEY_FINGERPRINT, fingerprint)
+        w.add_string(KEY_SOURCE_ARCH, ckpt.hf_architecture)
+        if templates.bos_policy:
+            w.add_string(KEY_BOS_POLICY, templates.bos_policy)
+
+    files = write_gguf(final, arch.arch_name, choices, add_metadata, split_max_tensors=split_max_tensors,
+                       split_max_size=split_max_size, force=force, description=f"{ckpt.path.name} -> {ftype_label(ftype)}")
+    size = sum(f.stat().st_size for f in files)
+    data_bytes = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in choices)
+    n_params = sum(c.planned.n_elements for c in choices)
+    return ConvertResult(
+        files=[str(f) for f in files],
+        outtype=ftype_label(ftype),
+        architecture=arch.arch_name,
+        hf_architecture=ckpt.hf_architecture,
+        n_params=n_params,
+        size_bytes=size,
+        bits_per_weight=round(8 * data_bytes / n_params, 4),
+        seconds=round(time.perf_counter() - t0, 3),
+        tokenizer=vocab.model,
+        pre_tokenizer=vocab.pre,
+        chat_template_source=templates.source,
+        bos_policy=templates.bos_policy,
+        fingerprint=fingerprint,
+        fallbacks=[c.fallback for c in choices if c.fallback],
+        notes=arch.notes + vocab.notes + templates.notes,
+    )

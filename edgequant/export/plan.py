@@ -1,0 +1,104 @@
+"""The tensor plan: what an architecture asks the writer to produce, without any data yet.
+
+An output tensor is an ordered list of :class:`Part` s. Each part is a 2-D (or 1-D) block read
+lazily from the checkpoint (optionally one expert of a fused 3-D tensor, optionally a row
+range, optionally Q/K-permuted), or a small array computed by the architecture. Concatenated
+along the first axis they give the output tensor in torch order, so a Mixtral expert stack is
+written expert by expert and never held in memory as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from edgequant.checkpoint import TensorRef
+
+# Read at most this many float32 bytes at a time from one source tensor.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotate-half RoPE row order -> llama.cpp's interleaved order (per head, pairs of halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class Part:
+    ref: TensorRef | None = None
+    index: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
+    permute_heads: int | None = None
+    transpose: bool = False
+    data: np.ndarray | None = None  # computed by the architecture instead of read
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.data is not None:
+            return tuple(self.data.shape)
+        assert self.ref is not None
+        shape = self.ref.shape[len(self.index):]
+        if self.rows is not None:
+            shape = (self.rows[1] - self.rows[0], *shape[1:])
+        if self.transpose:
+            shape = tuple(reversed(shape))
+        return tuple(shape)
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """Float32 (or float16 kept as is, like llama.cpp) row blocks, in order."""
+        if self.data is not None:
+            yield self.data
+            return
+        assert self.ref is not None
+        if self.permute_heads is not None or self.transpose or len(self.shape) < 2:
+            t = self.ref.read(self.index, self.rows)
+            if self.transpose:
+                t = t.transpose(-1, -2).contiguous()
+            t = _float(t)
+            if self.permute_heads is not None:
+                t = permute_qk(t, self.permute_heads)
+            yield t.numpy()
+            return
+        n_rows, row_len = self.shape[0], int(np.prod(self.shape[1:]))
+        step = max(1, chunk_bytes // (4 * row_len))
+        base = self.rows[0] if self.rows is not None else 0
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            yield _float(self.ref.read(self.index, (base + start, base + stop))).numpy()
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    # llama.cpp's converter keeps float16 and float32 and widens everything else to float32.
+    if t.dtype not in (torch.float16, torch.float32):
+        t = t.to(torch.float32)
+    return t.contiguous()
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    parts: list[Part]
+    keep_f32: bool = False  # routers and other tensors llama.cpp never quantizes
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Torch order; a single part gives its own shape, several are stacked on a new first axis."""
+        first = self.parts[0].shape
+        if len(self.parts) == 1:
+            return first
+        return (len(self.parts), *first)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    def source_dtype(self) -> torch.dtype:
+        for p in self.parts:
+            if p.ref is not None:
+                return p.ref.dtype
+        return torch.float32

@@ -1,0 +1,57 @@
+"""One progress helper for every long loop: a rich bar on a terminal, silent with --json."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+class Task:
+    def __init__(self, progress: Progress | None, task_id):
+        self._progress = progress
+        self._task_id = task_id
+
+    def advance(self, amount: float) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task_id, amount)
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task_id, description=text)
+
+
+@contextlib.contextmanager
+def progress_bytes(description: str, total: int) -> Iterator[Task]:
+    """A byte-counting bar (size, speed, ETA) on stderr; a no-op when quiet or not a terminal."""
+    console = Console(stderr=True)
+    if _quiet or not console.is_terminal:
+        yield Task(None, None)
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield Task(progress, progress.add_task(description, total=total))

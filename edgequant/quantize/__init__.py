@@ -1,0 +1,1 @@
+"""GGUF quant types, importance matrix, GPTQ (see issues: quantize, gptq)."""
