@@ -175,4 +175,32 @@ def check_templates(t: ChatTemplates, *, bos_token: str | None, eos_token: str |
     else:
         t.bos_policy = "none"
     t.sample = sample
+    _check_llama_cpp_python_substitution(t, bos, eos)
     return t
+
+
+def _check_llama_cpp_python_substitution(t: ChatTemplates, bos: str, eos: str) -> None:
+    """llama-cpp-python swaps a template equal to one it knows (ChatML, Mistral, Llama 3) for a
+    hand-written formatter; say so when that formatter renders the sample differently."""
+    try:
+        from llama_cpp import llama_chat_format as lcf
+    except ImportError:  # the runtime is optional for conversion
+        return
+    name = lcf.guess_chat_format_from_gguf_metadata({"tokenizer.chat_template": t.default})
+    if name is None:
+        return
+    handler_fmt = {"chatml": lcf.format_chatml, "mistral-instruct": lcf.format_mistral_instruct,
+                   "llama-3": lcf.format_llama3}.get(name)
+    for messages in ([SAMPLE_SYSTEM, *SAMPLE_TURNS], SAMPLE_TURNS):
+        try:
+            ours = render(t.default, messages, bos_token=bos, eos_token=eos)
+        except TemplateRaised:
+            continue
+        theirs = handler_fmt(messages=messages).prompt if handler_fmt else None
+        if theirs is not None and theirs.removeprefix(bos) != ours.removeprefix(bos):
+            t.notes.append(
+                f"llama-cpp-python recognises this exact template and uses its built-in {name!r} formatter instead, "
+                f"which renders differently ({theirs!r} vs the template's {ours!r}); its users should pass "
+                f"chat_format='chat_template.default' (llama.cpp's server and Ollama are not affected)"
+            )
+        return
