@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -39,19 +40,22 @@ class Task:
 
 
 @contextlib.contextmanager
-def progress_bytes(description: str, total: int) -> Iterator[Task]:
-    """A byte-counting bar (size, speed, ETA) on stderr; a no-op when quiet or not a terminal."""
+def _bar(description: str, total: int, columns: tuple) -> Iterator[Task]:
     console = Console(stderr=True)
     if _quiet or not console.is_terminal:
         yield Task(None, None)
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     with Progress(*columns, console=console, transient=False) as progress:
         yield Task(progress, progress.add_task(description, total=total))
+
+
+def progress_bytes(description: str, total: int):
+    """A byte-counting bar (size, speed, ETA) on stderr; a no-op when quiet or not a terminal."""
+    return _bar(description, total, (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn()))
+
+
+def progress_count(description: str, total: int):
+    """A bar counting items (tensors, chunks, layers)."""
+    return _bar(description, total, (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +72,9 @@ def convert(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
+    if outtype.lower() not in (*OUTTYPES, "auto"):
+        return _convert_to_quant(source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
+                                 pre_tokenizer=pre_tokenizer, model_name=model_name, force=force)
     t0 = time.perf_counter()
     if template_bos not in ("keep", "add"):
         raise EdgequantError(f"--template-bos {template_bos!r}: use keep or add")
@@ -142,3 +147,25 @@ def convert(
         fallbacks=[c.fallback for c in choices if c.fallback],
         notes=arch.notes + vocab.notes + templates.notes,
     )
+
+
+def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
+    """HF folder -> temporary 16-bit GGUF in the output folder -> llama.cpp quantizer; the
+    temporary file is removed afterwards, on failure and on Ctrl-C too."""
+    from edgequant.quantize import types as qtypes
+    from edgequant.quantize.gguf_quant import QuantizeOptions, output_name, quantize
+
+    qt = qtypes.get(outtype)  # unknown names fail here, listing the valid ones
+    out = Path(output) if output is not None else Path.cwd()
+    tmp_dir = (out.parent if out.suffix == ".gguf" else out) / f".edgequant-tmp-{os.getpid()}"
+    try:
+        base = convert(source, tmp_dir, outtype="auto", **kw)
+        target = out if out.suffix == ".gguf" else out / output_name(Path(base.files[0]), qt.name)
+        (q,) = quantize(base.files[0], [qt.name], target, QuantizeOptions(force=kw.get("force", False)))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    base.files, base.outtype = q.files, q.type
+    base.size_bytes, base.bits_per_weight = q.size_bytes, q.bits_per_weight
+    base.seconds = round(base.seconds + q.seconds, 3)
+    base.fallbacks = base.fallbacks + [str(f) for f in q.fallbacks]
+    return base

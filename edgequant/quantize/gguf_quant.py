@@ -1,0 +1,319 @@
+"""``edgequant quantize``: llama.cpp's own quantizer, in process, through llama-cpp-python.
+
+``llama_model_quantize`` with its params struct is the code ``llama-quantize`` runs, so our files
+are llama.cpp's bytes. We add what a release needs around it: several types in one call, the
+imatrix passed as data (refused for another model), per-tensor overrides, fallback reporting
+(llama.cpp logs each tensor whose row length does not fit its type; we collect those lines), a
+progress bar fed by the same log, and ``*.part`` → rename.
+
+llama.cpp's C API loads the input once per output type; the input is memory-mapped, so after the
+first type it is read from the page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import llama_cpp
+
+from edgequant.atomic import atomic_outputs, check_free_space, check_writable
+from edgequant.errors import EdgequantError
+from edgequant.gguf_info import inspect_gguf, shard_paths
+from edgequant.progress import progress_count
+from edgequant.quantize import types as qtypes
+from edgequant.quantize.imatrix_file import Imatrix, check_matches_model, read_imatrix
+
+log = logging.getLogger("edgequant.llama_cpp")
+
+_FLOAT_FILE_TYPES = {"F32", "F16", "BF16"}
+_PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FALLBACK = re.compile(r"(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*falling back to\s+(\S+)")
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml.h's enum ggml_log_level (llama-cpp-python's comment is stale)
+_TYPE_SUFFIX = re.compile(r"-(F32|F16|BF16|Q8_0)$", re.IGNORECASE)
+
+
+@dataclass
+class Fallback:
+    tensor: str
+    ncols: int
+    wanted: str
+    used: str
+
+    def __str__(self) -> str:
+        return f"{self.tensor}: {self.ncols} columns do not fill {self.wanted}'s blocks; llama.cpp used {self.used}"
+
+
+@dataclass
+class QuantizeResult:
+    type: str
+    files: list[str]
+    size_bytes: int
+    bits_per_weight: float
+    seconds: float
+    type_counts: dict[str, int]
+    fallbacks: list[Fallback] = field(default_factory=list)
+    imatrix: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantizeOptions:
+    imatrix: Path | None = None
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: list[str] = field(default_factory=list)  # "pattern=TYPE", llama-quantize's --tensor-type
+    pure: bool = False
+    leave_output_tensor: bool = False
+    allow_requantize: bool = False
+    keep_split: bool = False
+    threads: int = 0
+    force: bool = False
+
+
+def ggml_type(name: str) -> int:
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        valid = ", ".join(t.name for t in gguf.GGMLQuantizationType)
+        raise EdgequantError(f"unknown tensor type {name!r}; valid: {valid}") from None
+
+
+def output_name(src: Path, type_name: str) -> str:
+    """``Model-7B-F16.gguf`` -> ``Model-7B-Q4_K_M.gguf`` (the converter's naming)."""
+    stem = src.name.removesuffix(".gguf")
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return f"{_TYPE_SUFFIX.sub('', stem)}-{type_name}.gguf"
+
+
+# -- llama.cpp's log: our logger, our progress, our fallback list ----------------------------------
+
+
+class _LogCapture:
+    def __init__(self, on_line):
+        self.on_line = on_line
+        self.buf = ""
+        self.level = 1
+        self.callback = llama_cpp.llama_log_callback(self._cb)
+
+    def _cb(self, level: int, text: bytes, _user) -> None:
+        if level != GGML_LOG_CONT:
+            self.level = level
+        self.buf += text.decode("utf-8", "replace")
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            # quiet by default: what matters (fallbacks, errors) is reported in our result; -v shows the rest
+            log.log(logging.ERROR if self.level == GGML_LOG_ERROR else logging.DEBUG, "%s", line)
+            self.on_line(line)
+
+
+@contextlib.contextmanager
+def _captured_llama_log(on_line) -> Iterator[None]:
+    cap = _LogCapture(on_line)
+    llama_cpp.llama_log_set(cap.callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        from llama_cpp import _logger  # llama-cpp-python's own callback (prints only when verbose)
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+# -- params ------------------------------------------------------------------------------------------
+
+
+def _imatrix_array(m: Imatrix):
+    names, arrays = [], []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(m.entries) + 1))()
+    for i, (name, entry) in enumerate(sorted(m.entries.items())):
+        values = entry.values().reshape(-1).astype("float32")
+        names.append(name.encode())
+        arrays.append(values)
+        arr[i].name = names[-1]
+        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = values.size
+    arr[len(m.entries)].name = None
+    return arr, (names, arrays)
+
+
+def _tt_array(specs: list[str]):
+    arr = (llama_cpp.llama_model_tensor_override * (len(specs) + 1))()
+    keep = []
+    for i, spec in enumerate(specs):
+        pattern, sep, tname = spec.rpartition("=")
+        if not sep or not pattern:
+            raise EdgequantError(f"--tensor-type {spec!r}: use PATTERN=TYPE, e.g. attn_v=q8_0 or 'blk\\.[0-3]\\.ffn_down=q6_k'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise EdgequantError(f"--tensor-type {spec!r}: bad regular expression ({e})") from None
+        keep.append(pattern.encode())
+        arr[i].pattern = keep[-1]
+        arr[i].type = ggml_type(tname)
+    arr[len(specs)].pattern = None
+    return arr, keep
+
+
+def _kv_array(values: dict[str, str | int]):
+    arr = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for i, (key, value) in enumerate(values.items()):
+        arr[i].key = key.encode()[:127]
+        if isinstance(value, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = value
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = str(value).encode()[:127]
+    arr[len(values)].key = b""
+    return arr
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def quantize(
+    source: str | Path,
+    types: list[str],
+    output: str | Path | None = None,
+    options: QuantizeOptions | None = None,
+) -> list[QuantizeResult]:
+    """Quantize a GGUF (F16/BF16/F32, any shard of a split file) into each of ``types``."""
+    opts = options or QuantizeOptions()
+    src = Path(source)
+    info = inspect_gguf(src)  # one clear line for a missing, non-GGUF or truncated file
+    wanted = [qtypes.get(t) for t in types]
+    if not wanted:
+        raise EdgequantError("name at least one quant type (see edgequant quantize --list)")
+    if info.file_type not in _FLOAT_FILE_TYPES and not opts.allow_requantize:
+        raise EdgequantError(
+            f"{src.name} is already quantized ({info.file_type}); requantizing compounds the error. Quantize from the "
+            f"F16/BF16/F32 GGUF, or pass --allow-requantize if you accept the loss"
+        )
+    imatrix = None
+    if opts.imatrix is not None:
+        imatrix = read_imatrix(Path(opts.imatrix))
+        check_matches_model(imatrix, {t.name: t.shape for t in info.tensors}, path=Path(opts.imatrix))
+    for t in wanted:
+        if t.needs_imatrix and imatrix is None:
+            raise EdgequantError(
+                f"{t.name} needs an importance matrix: run `edgequant imatrix MODEL -o imatrix.gguf`, then pass --imatrix imatrix.gguf"
+            )
+    out_dir = Path(output) if output is not None else src.parent
+    if out_dir.suffix == ".gguf":
+        if len(wanted) > 1:
+            raise EdgequantError("-o names one file but several types were asked for; pass a folder")
+        finals = {wanted[0].name: out_dir}
+        out_dir = out_dir.parent
+    else:
+        finals = {t.name: out_dir / output_name(src, t.name) for t in wanted}
+    if opts.keep_split and len(info.files) == 1:
+        opts.keep_split = False  # nothing to keep
+    check_writable(list(finals.values()), force=opts.force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first_input = shard_paths(src)[0]
+    return [_quantize_one(first_input, info, t, finals[t.name], imatrix, opts) for t in wanted]
+
+
+def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Imatrix | None,
+                  opts: QuantizeOptions) -> QuantizeResult:
+    check_free_space(final.parent, int(info.n_params * max(t.bpw, 4.0) / 8) + 64 * 1024 * 1024)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(t.ftype)
+    params.nthread = opts.threads if opts.threads > 0 else (os.cpu_count() or 1)
+    params.allow_requantize = opts.allow_requantize
+    params.pure = opts.pure
+    params.quantize_output_tensor = not opts.leave_output_tensor
+    params.keep_split = opts.keep_split
+    if opts.output_tensor_type:
+        params.output_tensor_type = ggml_type(opts.output_tensor_type)
+    if opts.token_embedding_type:
+        params.token_embedding_type = ggml_type(opts.token_embedding_type)
+    keep = []
+    if imatrix is not None:
+        arr, hold = _imatrix_array(imatrix)
+        keep += [arr, hold]
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        kv = _kv_array({
+            "quantize.imatrix.file": Path(opts.imatrix).name,
+            "quantize.imatrix.dataset": (imatrix.datasets or ["unknown"])[0],
+            "quantize.imatrix.entries_count": len(imatrix.entries),
+            "quantize.imatrix.chunks_count": imatrix.chunk_count,
+        })
+        keep.append(kv)
+        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if opts.tensor_types:
+        arr, hold = _tt_array(opts.tensor_types)
+        keep += [arr, hold]
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+
+    fallbacks: list[Fallback] = []
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    with progress_count(f"{t.name}", len(info.tensors)) as bar:
+        def on_line(line: str) -> None:
+            if (m := _PROGRESS.match(line)):
+                bar.advance(1)
+                bar.describe(f"{t.name} {m.group(3)}")
+            if (m := _FALLBACK.search(line)):
+                fallbacks.append(Fallback(m.group(1), int(m.group(2)), m.group(4), m.group(5)))
+            if "error" in line.lower() or "requires an imatrix" in line:
+                errors.append(line.strip())
+
+        if opts.keep_split:
+            finals = _split_finals(final, len(info.files))
+            check_writable(finals, force=opts.force)
+            staging = final.parent / f".{final.name}.part.d"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            try:
+                with _captured_llama_log(on_line):
+                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(staging / final.name).encode(), ctypes.byref(params))
+                _check_rc(rc, t, errors)
+                produced = sorted(staging.glob("*.gguf"))
+                if len(produced) != len(finals):
+                    raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
+                for p, f in zip(produced, finals):
+                    os.replace(p, f)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            files = finals
+        else:
+            with atomic_outputs([final]) as (part,):
+                with _captured_llama_log(on_line):
+                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))
+                _check_rc(rc, t, errors)
+            files = [final]
+    del keep
+    out_info = inspect_gguf(files[0])
+    return QuantizeResult(
+        type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
+        bits_per_weight=out_info.bits_per_weight, seconds=round(time.perf_counter() - t0, 3),
+        type_counts=out_info.type_counts, fallbacks=fallbacks,
+        imatrix=str(opts.imatrix) if imatrix is not None else None,
+    )
+
+
+def _split_finals(final: Path, n: int) -> list[Path]:
+    stem = final.name.removesuffix(".gguf")
+    return [final.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def _check_rc(rc: int, t: qtypes.QuantType, errors: list[str]) -> None:
+    if rc == 0:
+        return
+    detail = errors[-1] if errors else f"llama_model_quantize returned {rc}"
+    if any("imatrix" in e for e in errors):
+        raise EdgequantError(f"{t.name}: llama.cpp refused: {detail} (pass --imatrix, made with edgequant imatrix)")
+    raise EdgequantError(f"{t.name}: llama.cpp's quantizer failed: {detail}")
+
