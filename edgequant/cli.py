@@ -162,6 +162,27 @@ def quantize(
 
 
 @app.command()
+def imatrix(
+    source: str = typer.Argument(..., help="HF model folder (the model you will quantize)."),
+    output: Path = typer.Option(Path("imatrix.gguf"), "-o", "--output", help="Output imatrix file (GGUF)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", "--text", help="Calibration text file; default: the built-in Python docs corpus."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Compute an importance matrix (llama.cpp's GGUF format) by running the model on calibration text."""
+    from edgequant.quantize.imatrix import compute_imatrix
+
+    r = _run(lambda: compute_imatrix(source, output, text=calibration, ctx=ctx, chunks=chunks, device=device, force=force), as_json)
+    if as_json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return
+    out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device}, {r.seconds:.1f} s")
+
+
+@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .gguf file (any shard of a split file)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),

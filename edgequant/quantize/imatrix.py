@@ -1,0 +1,184 @@
+"""``edgequant imatrix``: an importance matrix from calibration text, through transformers.
+
+Like ``llama-imatrix``: the text is tokenized once and cut into chunks of ``ctx`` tokens (the first
+token of each chunk replaced by BOS when the model adds BOS); every chunk runs through the model
+and, for every weight matrix llama.cpp quantizes (the ``blk.*`` matrices), the squares of its
+input activations are summed per input column, with the number of tokens seen. For MoE experts
+the sums and counts are per expert and only count the tokens routed to that expert. The result
+is written in llama.cpp's GGUF imatrix format (``llama-quantize --imatrix`` accepts it).
+
+Activations come from forward hooks on the HF modules: ``nn.Linear`` inputs, and for
+transformers 5's fused experts module the routed hidden states (gate/up input) and the
+recomputed ``act(gate) * up`` (down input).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from edgequant.bench.text import load_text
+from edgequant.checkpoint import open_checkpoint
+from edgequant.errors import EdgequantError
+from edgequant.export.archs import architecture_for
+from edgequant.progress import progress_count
+from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
+
+_EXPERTS_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
+_EXPERT_NAMES = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)
+
+
+@dataclass
+class ImatrixResult:
+    path: str
+    entries: int
+    chunks: int
+    chunk_size: int
+    tokens: int
+    dataset: str
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise EdgequantError(
+                f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device (a CPU build, or no GPU); use --device cpu"
+            )
+        return torch.device("cuda")
+    if device != "cpu":
+        raise EdgequantError(f"--device {device!r}: use cpu or cuda")
+    return torch.device("cpu")
+
+
+def chunk_ids(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None) -> list[list[int]]:
+    """llama.cpp's chunking: back-to-back ``ctx``-token chunks, first token replaced by BOS if any."""
+    available = len(ids) // ctx
+    if available < 1:
+        raise EdgequantError(f"the text has {len(ids)} tokens, fewer than one chunk of {ctx}; pass a longer text or a smaller --ctx")
+    n = available if n_chunks is None else min(n_chunks, available)
+    chunks = []
+    for i in range(n):
+        c = list(ids[i * ctx:(i + 1) * ctx])
+        if bos_id is not None:
+            c[0] = bos_id
+        chunks.append(c)
+    return chunks
+
+
+class _Collector:
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, x: torch.Tensor, expert: int | None = None, n_expert: int = 1) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(n_expert, x.shape[-1], dtype=torch.float64)
+            self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
+        e = 0 if expert is None else expert
+        self.sums[name][e] += (x * x).sum(0).cpu()
+        self.counts[name][e] += x.shape[0]
+
+    def linear_hook(self, name: str):
+        def hook(_module, args):
+            self.add(name, args[0].detach())
+        return hook
+
+    def experts_hook(self, bid: int, arch):
+        gate, up, down = (arch.tensor_name(t, bid) for t in _EXPERT_NAMES)
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x = hidden.detach().reshape(-1, hidden.shape[-1])
+            index = index.reshape(x.shape[0], -1)
+            n_expert = module.gate_up_proj.shape[0]
+            self._ensure(gate, up, down, n_expert, x.shape[-1], module.down_proj.shape[-1])  # unrouted experts too
+            for e in range(n_expert):
+                rows = (index == e).any(-1)
+                if not bool(rows.any()):
+                    continue
+                xe = x[rows].float()
+                g, u = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
+                h = module.act_fn(g) * u
+                self.add(gate, xe, e, n_expert)
+                self.add(up, xe, e, n_expert)
+                self.add(down, h, e, n_expert)
+        return hook
+
+    def _ensure(self, gate, up, down, n_expert, n_embd, n_ff) -> None:
+        for name, cols in ((gate, n_embd), (up, n_embd), (down, n_ff)):
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(n_expert, cols, dtype=torch.float64)
+                self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
+
+    def imatrix(self) -> dict[str, ImatrixEntry]:
+        return {n: ImatrixEntry(sums=self.sums[n].numpy().astype(np.float32), counts=self.counts[n].numpy().astype(np.float32))
+                for n in self.sums}
+
+
+def compute_imatrix(
+    source: str | Path,
+    output: str | Path,
+    *,
+    text: str | Path | None = None,
+    ctx: int = 512,
+    chunks: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+) -> ImatrixResult:
+    t0 = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not force:
+        raise EdgequantError(f"output exists: {output} (pass --force to overwrite)")
+    dev = resolve_device(device)
+    ckpt = open_checkpoint(source)
+    arch = architecture_for(ckpt.hf_architecture)(ckpt)
+    corpus = load_text(text)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path))
+    ids = tok(corpus.text, add_special_tokens=True, verbose=False).input_ids
+    bos = tok.bos_token_id if (tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id) else None
+    batches = chunk_ids(ids, ctx, chunks, bos)
+
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype).to(dev).eval()
+    col = _Collector()
+    handles = []
+    for name, module in model.named_modules():
+        m = _EXPERTS_MODULE.match(name)
+        if m and hasattr(module, "gate_up_proj"):
+            handles.append(module.register_forward_pre_hook(col.experts_hook(int(m.group(1)), arch), with_kwargs=True))
+        elif isinstance(module, torch.nn.Linear):
+            gname = arch.mapped_name(name + ".weight")
+            if gname is not None and gname.startswith("blk."):
+                handles.append(module.register_forward_pre_hook(col.linear_hook(gname)))
+    if not handles:
+        raise EdgequantError(f"found no weight matrices to measure in {ckpt.hf_architecture}; is this a causal LM?")
+    try:
+        with torch.no_grad(), progress_count("imatrix", len(batches)) as bar:
+            for chunk in batches:
+                model(torch.tensor([chunk], device=dev))
+                bar.advance(1)
+    finally:
+        for h in handles:
+            h.remove()
+    result = Imatrix(entries=col.imatrix(), datasets=[corpus.name], chunk_count=len(batches), chunk_size=ctx)
+    write_imatrix(result, output, force=force)
+    return ImatrixResult(
+        path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
+        tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
+    )
