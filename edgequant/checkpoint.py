@@ -1,7 +1,7 @@
 """Open a Hugging Face model folder once: config, a lazy tensor index, tokenizer files, model card.
 
 Tensors are never loaded as a whole model. Each :class:`TensorRef` reads the rows it is asked
-for: safetensors through its memory map (``get_slice``), ``pytorch_model*.bin`` through
+for: safetensors with ``pread`` of exactly that byte range, ``pytorch_model*.bin`` through
 ``torch.load(weights_only=True, mmap=True)``. So converting a 47 GB Mixtral touches one slice
 at a time.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
-    _open: Callable[[], Any] = field(repr=False, default=None)
+    _open: Callable[[], Any] | None = field(repr=False, default=None)  # torch .bin: the mmap'ed state dict
+    offset: int | None = None  # safetensors: absolute byte offset of the data in ``file``
 
     @property
     def nbytes(self) -> int:
@@ -62,22 +64,46 @@ class TensorRef:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
     def read(self, index: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read ``tensor[index][rows[0]:rows[1]]`` without loading the rest of the tensor."""
-        handle = self._open()
-        key: tuple = tuple(index)
+        """Read ``tensor[index][rows[0]:rows[1]]`` without loading the rest of the tensor.
+
+        Safetensors data is row-major, so that slice is one contiguous byte range: it is read with
+        ``pread`` into a fresh buffer. (A memory map would keep every page it touched resident,
+        counting the whole checkpoint in the process's RSS by the end of a conversion.)
+        """
+        if self.offset is None:  # a mmap'ed torch state dict
+            t = self._open()[self.name]
+            key = tuple(index) + ((slice(*rows),) if rows is not None else ())
+            return t[key] if key else t
+        k = len(index)
+        inner = int(math.prod(self.shape[k + 1:])) if k < len(self.shape) else 1
+        start = sum(i * int(math.prod(self.shape[j + 1:])) for j, i in enumerate(index))
+        out_shape = list(self.shape[k:])
         if rows is not None:
-            key = key + (slice(rows[0], rows[1]),)
-        try:
-            if hasattr(handle, "get_slice"):
-                sl = handle.get_slice(self.name)
-                t = sl[key] if key else sl[:]
-            else:  # a mmap'ed torch state dict
-                t = handle[self.name][key] if key else handle[self.name]
-        except Exception as e:  # a truncated file fails here, at the first read of its data
-            raise EdgequantError(
-                f"cannot read tensor {self.name} from {self.file.name}: {e} (the file is truncated or corrupt; re-download it)"
-            ) from None
-        return t
+            start += rows[0] * inner
+            out_shape[0] = rows[1] - rows[0]
+        count = int(math.prod(out_shape))
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        buf = bytearray(count * itemsize)
+        _pread_exact(self.file, self.offset + start * itemsize, buf, self.name)
+        if count == 0:
+            return torch.empty(out_shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(out_shape)
+
+
+def _pread_exact(path: Path, offset: int, buf: bytearray, name: str) -> None:
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise EdgequantError(
+                    f"cannot read tensor {name} from {path.name}: the file ends early (truncated or corrupt; re-download it)"
+                )
+            done += n
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -232,32 +258,21 @@ def _index_safetensors(f: Path) -> list[TensorRef]:
     except json.JSONDecodeError:
         raise EdgequantError(f"{f} has a corrupt safetensors header; re-download it") from None
     size = f.stat().st_size
-    hlen = len(raw)
+    data_start = 8 + len(raw)
     refs = []
     end_max = 0
-    handle_box: list[Any] = []
-
-    def opener() -> Any:
-        if not handle_box:
-            from safetensors import safe_open
-
-            try:
-                handle_box.append(safe_open(str(f), framework="pt"))
-            except Exception as e:
-                raise EdgequantError(f"cannot open {f.name}: {e} (truncated or corrupt; re-download it)") from None
-        return handle_box[0]
-
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise EdgequantError(f"{f.name}: tensor {name} has dtype {info['dtype']}, which edgequant cannot convert yet")
-        end_max = max(end_max, info["data_offsets"][1])
-        refs.append(TensorRef(name=name, shape=tuple(info["shape"]), dtype=dtype, file=f, _open=opener))
-    if 8 + hlen + end_max > size:
+        begin, end = info["data_offsets"]
+        end_max = max(end_max, end)
+        refs.append(TensorRef(name=name, shape=tuple(info["shape"]), dtype=dtype, file=f, offset=data_start + begin))
+    if data_start + end_max > size:
         raise EdgequantError(
-            f"{f} is truncated: its header describes {8 + hlen + end_max} bytes, the file has {size}; re-download it"
+            f"{f} is truncated: its header describes {data_start + end_max} bytes, the file has {size}; re-download it"
         )
     return refs
 

@@ -124,7 +124,8 @@ def test_bogus_pre_tokenizer_name(tiny_llama_dir, tmp_path):
 
 
 def test_bad_outtype_and_split_size(tiny_llama_dir, tmp_path):
-    _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--outtype", "q4_k_m"], "edgequant quantize")
+    _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--outtype", "q4_k_xl"], "unknown quant type")
+    _no_outputs(tmp_path / "out")
     _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--split-max-size", "lots"], "--split-max-size")
 
 

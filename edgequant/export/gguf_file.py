@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import gguf
 import numpy as np
+import torch
 from gguf.gguf_writer import WriterState
 
 from edgequant.atomic import atomic_outputs, check_free_space, check_writable, part_path
@@ -128,9 +129,26 @@ def write_gguf(
     return finals
 
 
+def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
+    """One chunk in the file's type, bit-identical to llama.cpp's converter (which widens anything
+    but F16/F32 to F32 and then uses gguf-py's quantizers). F32/F16 conversions round the same in
+    torch, and are much faster there; bf16 -> BF16 passes the bits through, quieting NaNs as
+    gguf-py does."""
+    if qtype == Q.F32:
+        return t.to(torch.float32).numpy()
+    if qtype == Q.F16:
+        return t.to(torch.float16).numpy()
+    if qtype == Q.BF16 and t.dtype == torch.bfloat16:
+        bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        nan = (bits & 0x7FFF) > 0x7F80
+        return np.where(nan, bits | 0x0040, bits).astype(np.uint16) if nan.any() else bits
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)
+
+
 def _converted(c: TensorChoice, advance: Callable[[float], None]) -> Iterable[np.ndarray]:
     for part in c.planned.parts:
         for chunk in part.chunks():
-            out = gguf.quants.quantize(chunk, c.qtype)
+            out = encode(chunk, c.qtype)
+            del chunk
             advance(out.nbytes)
             yield out

@@ -17,8 +17,8 @@ import torch
 
 from edgequant.checkpoint import TensorRef
 
-# Read at most this many float32 bytes at a time from one source tensor.
-CHUNK_BYTES = 64 * 1024 * 1024
+# Read at most this many (float32-equivalent) bytes at a time from one source tensor.
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -48,34 +48,27 @@ class Part:
             shape = tuple(reversed(shape))
         return tuple(shape)
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
-        """Float32 (or float16 kept as is, like llama.cpp) row blocks, in order."""
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """Row blocks in the source dtype, in order; the writer encodes each to the file's type."""
         if self.data is not None:
-            yield self.data
+            yield torch.from_numpy(self.data)
             return
         assert self.ref is not None
-        if self.permute_heads is not None or self.transpose or len(self.shape) < 2:
+        if self.transpose or len(self.shape) < 2:
             t = self.ref.read(self.index, self.rows)
             if self.transpose:
                 t = t.transpose(-1, -2).contiguous()
-            t = _float(t)
-            if self.permute_heads is not None:
-                t = permute_qk(t, self.permute_heads)
-            yield t.numpy()
+            yield permute_qk(t, self.permute_heads) if self.permute_heads else t
             return
         n_rows, row_len = self.shape[0], int(np.prod(self.shape[1:]))
         step = max(1, chunk_bytes // (4 * row_len))
+        head_rows = n_rows // self.permute_heads if self.permute_heads else 1
+        step = max(1, step // head_rows) * head_rows  # the RoPE permutation stays within a head
         base = self.rows[0] if self.rows is not None else 0
         for start in range(0, n_rows, step):
             stop = min(n_rows, start + step)
-            yield _float(self.ref.read(self.index, (base + start, base + stop))).numpy()
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    # llama.cpp's converter keeps float16 and float32 and widens everything else to float32.
-    if t.dtype not in (torch.float16, torch.float32):
-        t = t.to(torch.float32)
-    return t.contiguous()
+            t = self.ref.read(self.index, (base + start, base + stop))
+            yield permute_qk(t, (stop - start) // head_rows) if self.permute_heads else t
 
 
 @dataclass

@@ -209,6 +209,7 @@ def quantize(
             raise EdgequantError(
                 f"{t.name} needs an importance matrix: run `edgequant imatrix MODEL -o imatrix.gguf`, then pass --imatrix imatrix.gguf"
             )
+    _check_overrides_fit(info, opts)
     out_dir = Path(output) if output is not None else src.parent
     if out_dir.suffix == ".gguf":
         if len(wanted) > 1:
@@ -302,6 +303,29 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
         type_counts=out_info.type_counts, fallbacks=fallbacks,
         imatrix=str(opts.imatrix) if imatrix is not None else None,
     )
+
+
+def _check_overrides_fit(info, opts: QuantizeOptions) -> None:
+    """llama.cpp applies explicitly requested tensor types without its fallback and aborts the
+    whole process (GGML_ASSERT) when rows do not fill the type's blocks; refuse such requests."""
+    requests: list[tuple[str, str, str]] = []  # (option, pattern, type)
+    if opts.output_tensor_type:
+        requests.append(("--output-tensor-type", r"^output\.weight$", opts.output_tensor_type))
+    if opts.token_embedding_type:
+        requests.append(("--token-embedding-type", r"^token_embd\.weight$", opts.token_embedding_type))
+    for spec in opts.tensor_types:
+        pattern, _, tname = spec.rpartition("=")
+        if pattern:
+            requests.append((f"--tensor-type {spec}", pattern, tname))
+    for option, pattern, tname in requests:
+        qt = gguf.GGMLQuantizationType(ggml_type(tname))
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        for t in info.tensors:
+            if len(t.shape) >= 2 and re.search(pattern, t.name) and t.shape[0] % block:
+                raise EdgequantError(
+                    f"{option}: {t.name} has rows of {t.shape[0]} values, not a multiple of {qt.name}'s block of {block} "
+                    f"(llama.cpp would abort); choose a type with 32-value blocks such as q8_0, q5_0 or q4_0"
+                )
 
 
 def _split_finals(final: Path, n: int) -> list[Path]:
