@@ -18,7 +18,7 @@ from edgequant.gguf_info import inspect_gguf
 from edgequant.quantize import types as qtypes
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
 from edgequant.quantize.imatrix import compute_imatrix
-from edgequant.quantize.imatrix_file import read_imatrix
+from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from llama_helpers import hf_tokenizer, llama, llama_logits
 
 runner = CliRunner()
@@ -39,6 +39,12 @@ def test_catalogue_matches_llama_cpp():
     assert wanted <= set(names)
 
 
+def _uniform(m: Imatrix) -> Imatrix:
+    """The same entries with every column weighted 1: what an imatrix-requiring type gets "without" one."""
+    return Imatrix(entries={n: ImatrixEntry(sums=np.repeat(e.counts[:, None], e.n_cols, 1).astype(np.float32), counts=e.counts)
+                            for n, e in m.entries.items()}, datasets=["uniform"], chunk_count=m.chunk_count, chunk_size=m.chunk_size)
+
+
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory, smollm2_hf_dir):
     """SmolLM2 F16 GGUF, an imatrix of it, and every catalogue type made from them."""
@@ -46,24 +52,32 @@ def smol(tmp_path_factory, smollm2_hf_dir):
     f16 = Path(convert(smollm2_hf_dir, d, outtype="f16").files[0])
     im = d / "imatrix.gguf"
     compute_imatrix(smollm2_hf_dir, im, ctx=256, chunks=6)
+    uniform = write_imatrix(_uniform(read_imatrix(im)), d / "uniform.gguf")
     plain = [t.name for t in qtypes.CATALOGUE if not t.needs_imatrix and t.name != "F16"]
     results = {r.type: r for r in quantize(f16, plain, d / "plain")}
-    results |= {r.type: r for r in quantize(f16, [t.name for t in qtypes.CATALOGUE if t.needs_imatrix] + ["Q2_K"], d / "imat",
+    results |= {r.type: r for r in quantize(f16, [t.name for t in qtypes.CATALOGUE if t.needs_imatrix], d / "imat",
                                             QuantizeOptions(imatrix=im))}
-    return {"f16": f16, "imatrix": im, "results": results, "dir": d}
+    with_imatrix = {f"{r.type}+imatrix": r for r in quantize(f16, ["Q2_K"], d / "imat", QuantizeOptions(imatrix=im))}
+    with_imatrix |= {f"{r.type}+uniform": r for r in quantize(f16, ["IQ3_XXS"], d / "uniform", QuantizeOptions(imatrix=uniform))}
+    return {"f16": f16, "imatrix": im, "results": results, "with_imatrix": with_imatrix, "dir": d}
 
 
 @pytest.mark.slow
-def test_every_type_loads_and_generates(smol):
+def test_every_type_loads_and_generates(smol, smollm2_hf_dir):
     results = smol["results"]
     assert set(results) == {t.name for t in qtypes.CATALOGUE} - {"F16"}
+    prompt = hf_tokenizer(str(smollm2_hf_dir)).encode("The Python language is")
     for name, r in results.items():
         info = inspect_gguf(r.files[0])
         assert info.file_type == name, (name, info.file_type)
         assert not list(Path(r.files[0]).parent.glob("*.part"))
-        with llama(r.files[0], n_ctx=64) as llm:
-            text = llm("The Python language", max_tokens=4, temperature=0.0)["choices"][0]["text"]
-        assert isinstance(text, str) and llm.n_tokens > 4, name
+        llm = llama_cpp.Llama(model_path=r.files[0], n_ctx=32, n_batch=32, n_threads=2, verbose=False)
+        try:
+            generated = [t for _, t in zip(range(3), llm.generate(prompt, temp=0.0))]
+            n_vocab = llm.n_vocab()
+        finally:
+            llm.close()
+        assert len(generated) == 3 and all(0 <= t < n_vocab for t in generated), name
 
 
 @pytest.mark.slow
@@ -87,28 +101,34 @@ def test_size_matches_bits_per_weight_when_blocks_fit(name, smol, tmp_path):
     assert nominal <= r.bits_per_weight <= nominal * 1.01, (name, r.bits_per_weight, nominal)
 
 
-def _kld(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    def logsoftmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    p, q = logsoftmax(ref_logits.astype(np.float64)), logsoftmax(logits.astype(np.float64))
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
+def _logsoftmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 @pytest.mark.slow
 def test_quality_ordered_by_bits_and_imatrix_helps(smol, smollm2_hf_dir):
+    """KL divergence against the F16 file, on text far from the imatrix's calibration chunks.
+
+    SmolLM2's 576-wide rows send most tensors of the k-quant mixes to legacy fallbacks (Q4_K ->
+    Q5_0, Q5_K -> Q5_1), and the fixture's weights are a dequantized Q4_1 checkpoint, so Q5_K_M
+    (mostly Q5_1) measures slightly worse than Q4_K_M (mostly Q5_0) here; both sit between Q6_K
+    and Q3_K_M. docs/quantize.md records the numbers.
+    """
     from pydoc_data.topics import topics
 
-    text = topics["specialnames"][20000:26000]  # far from the imatrix's calibration chunks (the first topics)
-    ids = hf_tokenizer(str(smollm2_hf_dir)).encode(text)[:384]
-    ref = llama_logits(smol["f16"], ids)
-    kld = {name: _kld(ref, llama_logits(r.files[0], ids)) for name, r in smol["results"].items()
-           if name in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")}
-    order = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-    assert [kld[n] for n in order] == sorted(kld[n] for n in order), kld
-    (plain_q2,) = quantize(smol["f16"], ["Q2_K"], smol["dir"] / "q2-plain")
-    assert kld["Q2_K"] < _kld(ref, llama_logits(plain_q2.files[0], ids))  # results["Q2_K"] used the imatrix
+    tok = hf_tokenizer(str(smollm2_hf_dir))
+    chunks = [tok.encode(topics["specialnames"][20000:26000])[:512], tok.encode(topics["types"][5000:11000])[:512]]
+    refs = [_logsoftmax(llama_logits(smol["f16"], ids)) for ids in chunks]
+
+    def kld(path) -> float:
+        return float(np.mean([(np.exp(r) * (r - _logsoftmax(llama_logits(path, ids)))).sum(-1).mean() for r, ids in zip(refs, chunks)]))
+
+    k = {n: kld(smol["results"][n].files[0]) for n in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")}
+    assert k["Q8_0"] < k["Q6_K"] < min(k["Q5_K_M"], k["Q4_K_M"]) <= max(k["Q5_K_M"], k["Q4_K_M"]) < k["Q3_K_M"] < k["Q2_K"], k
+    w = smol["with_imatrix"]
+    assert kld(w["Q2_K+imatrix"].files[0]) < 0.85 * k["Q2_K"]
+    assert kld(smol["results"]["IQ3_XXS"].files[0]) < 0.9 * kld(w["IQ3_XXS+uniform"].files[0])
 
 
 def test_imatrix_format_and_moe_counts(tiny_mixtral_dir, tmp_path):
