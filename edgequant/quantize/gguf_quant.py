@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -147,10 +148,10 @@ def _imatrix_array(m: Imatrix):
     return arr, (names, arrays)
 
 
-def _tt_array(specs: list[str]):
-    arr = (llama_cpp.llama_model_tensor_override * (len(specs) + 1))()
-    keep = []
-    for i, spec in enumerate(specs):
+def parse_tensor_types(specs: list[str]) -> list[tuple[str, int]]:
+    """llama-quantize's ``--tensor-type PATTERN=TYPE`` (a regex searched in tensor names)."""
+    parsed = []
+    for spec in specs:
         pattern, sep, tname = spec.rpartition("=")
         if not sep or not pattern:
             raise EdgequantError(f"--tensor-type {spec!r}: use PATTERN=TYPE, e.g. attn_v=q8_0 or 'blk\\.[0-3]\\.ffn_down=q6_k'")
@@ -158,10 +159,18 @@ def _tt_array(specs: list[str]):
             re.compile(pattern)
         except re.error as e:
             raise EdgequantError(f"--tensor-type {spec!r}: bad regular expression ({e})") from None
-        keep.append(pattern.encode())
-        arr[i].pattern = keep[-1]
-        arr[i].type = ggml_type(tname)
-    arr[len(specs)].pattern = None
+        parsed.append((pattern, ggml_type(tname)))
+    return parsed
+
+
+def _tt_array(specs: list[str]):
+    parsed = parse_tensor_types(specs)
+    arr = (llama_cpp.llama_model_tensor_override * (len(parsed) + 1))()
+    keep = [pattern.encode() for pattern, _ in parsed]
+    for i, ((_, qtype), pattern) in enumerate(zip(parsed, keep)):
+        arr[i].pattern = pattern
+        arr[i].type = qtype
+    arr[len(parsed)].pattern = None
     return arr, keep
 
 
@@ -219,7 +228,7 @@ def quantize(
     else:
         finals = {t.name: out_dir / output_name(src, t.name) for t in wanted}
     if opts.keep_split and len(info.files) == 1:
-        opts.keep_split = False  # nothing to keep
+        opts = dataclasses.replace(opts, keep_split=False)  # nothing to keep
     check_writable(list(finals.values()), force=opts.force)
     out_dir.mkdir(parents=True, exist_ok=True)
     first_input = shard_paths(src)[0]
@@ -308,17 +317,15 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
 def _check_overrides_fit(info, opts: QuantizeOptions) -> None:
     """llama.cpp applies explicitly requested tensor types without its fallback and aborts the
     whole process (GGML_ASSERT) when rows do not fill the type's blocks; refuse such requests."""
-    requests: list[tuple[str, str, str]] = []  # (option, pattern, type)
+    requests: list[tuple[str, str, int]] = []  # (option, pattern, ggml type)
     if opts.output_tensor_type:
-        requests.append(("--output-tensor-type", r"^output\.weight$", opts.output_tensor_type))
+        requests.append(("--output-tensor-type", r"^output\.weight$", ggml_type(opts.output_tensor_type)))
     if opts.token_embedding_type:
-        requests.append(("--token-embedding-type", r"^token_embd\.weight$", opts.token_embedding_type))
-    for spec in opts.tensor_types:
-        pattern, _, tname = spec.rpartition("=")
-        if pattern:
-            requests.append((f"--tensor-type {spec}", pattern, tname))
-    for option, pattern, tname in requests:
-        qt = gguf.GGMLQuantizationType(ggml_type(tname))
+        requests.append(("--token-embedding-type", r"^token_embd\.weight$", ggml_type(opts.token_embedding_type)))
+    for spec, (pattern, qtype) in zip(opts.tensor_types, parse_tensor_types(opts.tensor_types)):
+        requests.append((f"--tensor-type {spec}", pattern, qtype))
+    for option, pattern, qtype in requests:
+        qt = gguf.GGMLQuantizationType(qtype)
         block = gguf.GGML_QUANT_SIZES[qt][0]
         for t in info.tensors:
             if len(t.shape) >= 2 and re.search(pattern, t.name) and t.shape[0] % block:
