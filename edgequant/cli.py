@@ -44,6 +44,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _print_fallbacks(type_name: str, fallbacks: list[str], type_counts: dict[str, int] | None = None) -> None:
+    """Every fallback is in --json; on the terminal a few, then a count."""
+    if not fallbacks:
+        return
+    for f in fallbacks[:3]:
+        err.print(f"[yellow]fallback:[/] {type_name}: {f}", highlight=False)
+    if len(fallbacks) > 3:
+        used = f"; tensor types now {', '.join(f'{k}: {v}' for k, v in sorted(type_counts.items()))}" if type_counts else ""
+        err.print(f"[yellow]fallback:[/] {type_name}: ... {len(fallbacks)} tensors in all (--json lists them){used}", highlight=False)
+
+
 def parse_size(text: str) -> int:
     """``50G``, ``500M``, ``2K`` or a byte count; decimal units, like llama.cpp's --split-max-size."""
     units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
@@ -67,7 +78,7 @@ def _human(n: float) -> str:
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="HF model folder (or hub id org/name when online)."),
-    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0 or auto (the source's 16-bit type)."),
+    outtype: str = typer.Option("auto", "--outtype", help="f32, f16, bf16, q8_0, auto (the source's 16-bit type), or a k-/i-quant such as Q4_K_M (through a temporary F16 file)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder, or a .gguf file path. Default: current folder."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Embed this template (.jinja, or .json with chat_template) instead of the model's."),
     template_bos: str = typer.Option("keep", "--template-bos", help="keep, or add: prepend {{ bos_token }} when the template lacks it but the model adds BOS."),
@@ -101,8 +112,7 @@ def convert(
     table.add_row("chat template", f"{result.chat_template_source or 'none'} (BOS: {result.bos_policy or '-'})")
     table.add_row("time", f"{result.seconds:.1f} s")
     out.print(table)
-    for f in result.fallbacks:
-        err.print(f"[yellow]fallback:[/] {f}", highlight=False)
+    _print_fallbacks(result.outtype, result.fallbacks)
     for n in result.notes:
         err.print(f"[yellow]note:[/] {n}", highlight=False)
 
@@ -155,10 +165,7 @@ def quantize(
                       _human(r.size_bytes), f"{r.bits_per_weight:.2f}", f"{r.seconds:.1f} s", str(len(r.fallbacks)))
     out.print(table)
     for r in results:
-        if r.fallbacks:
-            used = ", ".join(f"{k}: {v}" for k, v in sorted(r.type_counts.items()))
-            err.print(f"[yellow]fallback:[/] {r.type}: {len(r.fallbacks)} tensors could not take their planned type "
-                      f"(e.g. {r.fallbacks[0]}); tensor types now {used}", highlight=False)
+        _print_fallbacks(r.type, [str(f) for f in r.fallbacks], r.type_counts)
 
 
 @app.command()

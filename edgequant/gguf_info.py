@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import re
+import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +17,6 @@ import gguf
 from edgequant.errors import EdgequantError
 
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-_BIG_ARRAYS = {gguf.Keys.Tokenizer.LIST, gguf.Keys.Tokenizer.TOKEN_TYPE, gguf.Keys.Tokenizer.SCORES, gguf.Keys.Tokenizer.MERGES}
 
 
 @dataclass
@@ -60,40 +63,95 @@ def shard_paths(path: Path) -> list[Path]:
     return paths
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
+# GGUF value types (gguf-py's GGUFValueType): struct format of the scalar ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_SMALL_ARRAY = 256  # longer arrays (token lists, merges, scores) are summarised as "[N items]"
+
+
+class _Cursor:
+    """A bounds-checked reader over a memory-mapped file; a short file raises EdgequantError."""
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise EdgequantError(f"{self.path} is a truncated or corrupt GGUF (its header runs past the end); re-create or re-download it")
+        view = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            sub, n = self.scalar("<I"), self.scalar("<Q")
+            if n <= _SMALL_ARRAY:
+                return [self.value(sub) for _ in range(n)]
+            if sub in _SCALARS:
+                self.take(n * struct.calcsize(_SCALARS[sub]))
+            else:
+                for _ in range(n):
+                    self.value(sub)
+            return f"[{n} items]"
+        raise EdgequantError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupt or from a newer GGUF version")
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], list[TensorSummary]]:
+    """Metadata and tensor infos of one GGUF file, without reading tensor data.
+
+    A small parser of our own: gguf-py's GGUFReader builds a numpy view for every token and
+    merge (seconds for a 50k-token vocabulary); this skips long arrays in milliseconds.
+    """
+    path = Path(path)
     if not path.is_file():
         raise EdgequantError(f"{path} does not exist")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise EdgequantError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf written by a converter")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:
-        raise EdgequantError(f"{path} is a truncated or corrupt GGUF ({type(e).__name__}: {e}); re-create or re-download it") from None
-
-
-def field_value(f: gguf.ReaderField) -> Any:
-    if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-        sub = f.types[-1]
-        if sub == gguf.GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-    v = f.parts[f.data[0]].tolist()
-    return v[0] if isinstance(v, list) and len(v) == 1 else v
-
-
-def read_metadata(reader: gguf.GGUFReader, *, full_arrays: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if not full_arrays and name in _BIG_ARRAYS:
-            out[name] = f"[{len(f.data)} items]"
-            continue
-        out[name] = field_value(f)
-    return out
+        size = os.fstat(f.fileno()).st_size
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            cur = _Cursor(memoryview(mm), path)
+            try:
+                cur.take(4)
+                version, n_tensors, n_kv = cur.scalar("<I"), cur.scalar("<Q"), cur.scalar("<Q")
+                if version < 2:
+                    raise EdgequantError(f"{path} is GGUF version {version}; re-convert it with a current converter")
+                metadata = {}
+                for _ in range(n_kv):
+                    key = cur.string()
+                    metadata[key] = cur.value(cur.scalar("<I"))
+                tensors, infos = [], []
+                for _ in range(n_tensors):
+                    name = cur.string()
+                    shape = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+                    qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
+                    infos.append((name, shape, qtype, offset))
+                alignment = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+                data_start = -(-cur.pos // alignment) * alignment
+            finally:
+                cur.buf.release()
+    for name, shape, qtype, offset in infos:
+        try:
+            qt = gguf.GGMLQuantizationType(qtype)
+        except ValueError:
+            raise EdgequantError(f"{path}: tensor {name} has unknown type {qtype}; the file is corrupt or too new") from None
+        n = int(math.prod(shape))
+        block, type_size = gguf.GGML_QUANT_SIZES[qt]
+        nbytes = n // block * type_size
+        if data_start + offset + nbytes > size:
+            raise EdgequantError(f"{path} is truncated: tensor {name} ends past the end of the file; re-create or re-download it")
+        tensors.append(TensorSummary(name, qt.name, shape, n, nbytes))
+    return metadata, tensors
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
@@ -101,11 +159,10 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     metadata: dict[str, Any] = {}
     tensors: list[TensorSummary] = []
     for p in paths:
-        reader = open_reader(p)
-        for k, v in read_metadata(reader).items():
+        meta, infos = read_header(p)
+        for k, v in meta.items():
             metadata.setdefault(k, v)
-        for t in reader.tensors:
-            tensors.append(TensorSummary(t.name, t.tensor_type.name, [int(x) for x in t.shape], int(t.n_elements), int(t.n_bytes)))
+        tensors += infos
     n_params = sum(t.n_elements for t in tensors)
     tensor_bytes = sum(t.n_bytes for t in tensors)
     ft = metadata.get(gguf.Keys.General.FILE_TYPE)

@@ -181,6 +181,8 @@ def test_bad_input(tiny_mistral_dir, tiny_mixtral_dir, tmp_path):
     compute_imatrix(tiny_mixtral_dir, other, ctx=64, chunks=1)
     _fails(["quantize", f16, "IQ2_XS", "--imatrix", str(other), "-o", str(out)], "made for another model")
     _fails(["quantize", f16, "Q4_K_M", "--tensor-type", "attn_v", "-o", str(out)], "PATTERN=TYPE")
+    _fails(["quantize", f16, "Q4_K_M", "--token-embedding-type", "q4_k", "-o", str(out)], "would abort")
+    _fails(["convert", str(tiny_mistral_dir), "--outtype", "IQ2_XS", "-o", str(out)], "convert to F16 first")
     _fails(["quantize", f16, "Q4_K_M", "--imatrix", f16, "-o", str(out)], "not an importance matrix")
     assert not out.exists() or not list(out.iterdir())
 
@@ -189,6 +191,8 @@ def test_options_and_convert_to_kquant(tiny_mistral_dir, tmp_path):
     f16 = convert(tiny_mistral_dir, tmp_path, outtype="f16").files[0]
     with pytest.raises(EdgequantError, match="would abort"):  # 128-wide rows cannot hold Q6_K's 256-blocks
         quantize(f16, ["Q4_0"], tmp_path / "o", QuantizeOptions(output_tensor_type="q6_k"))
+    (fb,) = quantize(f16, ["Q8_0"], tmp_path / "fb", QuantizeOptions(tensor_types=["attn_q=q4_k"]))
+    assert {f.tensor for f in fb.fallbacks} == {"blk.0.attn_q.weight", "blk.1.attn_q.weight"}  # llama.cpp's fallback, reported
     (r,) = quantize(f16, ["Q4_0"], tmp_path / "o", QuantizeOptions(tensor_types=[r"attn_v=q8_0"], output_tensor_type="q5_0",
                                                                       token_embedding_type="q8_0"))
     types = {t.name: t.type for t in inspect_gguf(r.files[0]).tensors}

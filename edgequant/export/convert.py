@@ -156,6 +156,11 @@ def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
     from edgequant.quantize.gguf_quant import QuantizeOptions, output_name, quantize
 
     qt = qtypes.get(outtype)  # unknown names fail here, listing the valid ones
+    if qt.needs_imatrix:
+        raise EdgequantError(
+            f"{qt.name} needs an importance matrix, which convert cannot make: convert to F16 first, then run "
+            f"`edgequant imatrix MODEL -o imatrix.gguf` and `edgequant quantize MODEL-F16.gguf {qt.name} --imatrix imatrix.gguf`"
+        )
     out = Path(output) if output is not None else Path.cwd()
     tmp_dir = (out.parent if out.suffix == ".gguf" else out) / f".edgequant-tmp-{os.getpid()}"
     try:

@@ -254,12 +254,13 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
         arr, hold = _imatrix_array(imatrix)
         keep += [arr, hold]
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        kv = _kv_array({
-            "quantize.imatrix.file": Path(opts.imatrix).name,
-            "quantize.imatrix.dataset": (imatrix.datasets or ["unknown"])[0],
-            "quantize.imatrix.entries_count": len(imatrix.entries),
-            "quantize.imatrix.chunks_count": imatrix.chunk_count,
-        })
+        provenance: dict[str, str | int] = {"quantize.imatrix.file": Path(opts.imatrix).name}  # llama-quantize's keys
+        if imatrix.datasets:
+            provenance["quantize.imatrix.dataset"] = imatrix.datasets[0]
+        provenance["quantize.imatrix.entries_count"] = len(imatrix.entries)
+        if imatrix.chunk_count:
+            provenance["quantize.imatrix.chunks_count"] = imatrix.chunk_count
+        kv = _kv_array(provenance)
         keep.append(kv)
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     if opts.tensor_types:
@@ -315,23 +316,22 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
 
 
 def _check_overrides_fit(info, opts: QuantizeOptions) -> None:
-    """llama.cpp applies explicitly requested tensor types without its fallback and aborts the
-    whole process (GGML_ASSERT) when rows do not fill the type's blocks; refuse such requests."""
-    requests: list[tuple[str, str, int]] = []  # (option, pattern, ggml type)
-    if opts.output_tensor_type:
-        requests.append(("--output-tensor-type", r"^output\.weight$", ggml_type(opts.output_tensor_type)))
-    if opts.token_embedding_type:
-        requests.append(("--token-embedding-type", r"^token_embd\.weight$", ggml_type(opts.token_embedding_type)))
-    for spec, (pattern, qtype) in zip(opts.tensor_types, parse_tensor_types(opts.tensor_types)):
-        requests.append((f"--tensor-type {spec}", pattern, qtype))
-    for option, pattern, qtype in requests:
-        qt = gguf.GGMLQuantizationType(qtype)
+    """llama.cpp sends ``--tensor-type`` overrides through its usual fallback (reported like any
+    other), but applies ``--output-tensor-type`` and ``--token-embedding-type`` as given: when rows
+    do not fill that type's blocks it aborts the process (GGML_ASSERT) or fails validation. Refuse
+    those two up front."""
+    for option, name, tname in (("--output-tensor-type", "output.weight", opts.output_tensor_type),
+                                ("--token-embedding-type", "token_embd.weight", opts.token_embedding_type)):
+        if not tname:
+            continue
+        qt = gguf.GGMLQuantizationType(ggml_type(tname))
         block = gguf.GGML_QUANT_SIZES[qt][0]
         for t in info.tensors:
-            if len(t.shape) >= 2 and re.search(pattern, t.name) and t.shape[0] % block:
+            if t.name == name and t.shape[0] % block:
                 raise EdgequantError(
-                    f"{option}: {t.name} has rows of {t.shape[0]} values, not a multiple of {qt.name}'s block of {block} "
-                    f"(llama.cpp would abort); choose a type with 32-value blocks such as q8_0, q5_0 or q4_0"
+                    f"{option} {tname}: {t.name} has rows of {t.shape[0]} values, not a multiple of {qt.name}'s block of "
+                    f"{block}, and llama.cpp applies this option without a fallback (it would abort); choose a type "
+                    f"with 32-value blocks such as q8_0, q5_0 or q4_0"
                 )
 
 
