@@ -58,8 +58,3 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
             raise RuntimeError(f"internal error: {p} was not written")
         os.replace(p, final)
 
-
-def write_text(final: Path, text: str) -> Path:
-    with atomic_outputs([final]) as (part,):
-        part.write_text(text, encoding="utf-8")
-    return final

@@ -50,6 +50,9 @@ MIXTRAL_VERSION = "3"
 SMOLLM2_HF_VERSION = "1"
 
 SEED = 1234
+# The shape every tiny fixture shares (hidden 128: small, yet a multiple of the 32-blocks).
+TINY_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
 TRAINING_TEXT_CHARS = 300_000
 
 # --------------------------------------------------------------------------- #
@@ -307,15 +310,9 @@ def _build_tiny_llama(folder: Path) -> None:
     eos_id = backend.token_to_id("<|end_of_text|>")
     config = LlamaConfig(
         vocab_size=backend.get_vocab_size(with_added_tokens=True),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         max_position_embeddings=2048,
         rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         bos_token_id=bos_id,
         eos_token_id=eot_id,
     )
@@ -522,17 +519,11 @@ def _mistral_config(vocab_size: int):
 
     return MistralConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         head_dim=64,
         sliding_window=4096,
         max_position_embeddings=32768,
         rope_theta=1e6,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -589,17 +580,11 @@ def _mixtral_model():
 
     config = MixtralConfig(
         vocab_size=sentencepiece_processor().get_piece_size(),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DIMS,
         num_local_experts=8,
         num_experts_per_tok=2,
         max_position_embeddings=32768,
         rope_theta=1e6,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
     )

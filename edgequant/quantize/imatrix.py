@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 import torch
 
+from edgequant.atomic import check_writable
 from edgequant.bench.text import load_text
 from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
@@ -140,8 +141,7 @@ def compute_imatrix(
 ) -> ImatrixResult:
     t0 = time.perf_counter()
     output = Path(output)
-    if output.exists() and not force:
-        raise EdgequantError(f"output exists: {output} (pass --force to overwrite)")
+    check_writable([output], force=force)  # before minutes of compute, not after
     dev = resolve_device(device)
     ckpt = open_checkpoint(source)
     arch = architecture_for(ckpt.hf_architecture)(ckpt)

@@ -93,6 +93,3 @@ def get(name: str) -> QuantType:
     except KeyError:
         raise EdgequantError(f"unknown quant type {name!r}; valid: {', '.join(t.name for t in CATALOGUE)} (edgequant quantize --list)") from None
 
-
-def by_ftype(ftype: int) -> QuantType | None:
-    return next((t for t in CATALOGUE if t.ftype == ftype), None)
