@@ -190,6 +190,30 @@ def imatrix(
 
 
 @app.command()
+def bench(
+    models: list[Path] = typer.Argument(..., help="GGUF files to measure."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text file; default: the built-in Python docs corpus; wikitext-2 when online."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks (default: all; at least 2)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: llama.cpp's choice)."),
+    no_flash_attn: bool = typer.Option(False, "--no-flash-attn", help="Disable flash attention (llama-perplexity uses it on CPU)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Perplexity of GGUF files, the number llama-perplexity prints (KLD and speed: next)."""
+    from edgequant.bench.perplexity import bench_perplexity
+
+    results = _run(lambda: bench_perplexity([str(m) for m in models], text, ctx=ctx, chunks=chunks, threads=threads,
+                                            flash_attn=not no_flash_attn), as_json)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    table = Table("model", "PPL", "+/-", "chunks", "ctx", "time", title=f"perplexity on {results[0].text}")
+    for r in results:
+        table.add_row(Path(r.model).name, f"{r.ppl:.4f}", f"{r.ppl_error:.5f}", str(r.chunks), str(r.ctx), f"{r.seconds:.1f} s")
+    out.print(table)
+
+
+@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .gguf file (any shard of a split file)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),

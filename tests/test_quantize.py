@@ -235,7 +235,7 @@ def test_imatrix_cli_errors(tiny_llama_dir, tmp_path):
     _fails(["imatrix", str(tiny_llama_dir), "-o", str(tmp_path / "i.gguf"), "--device", "cuda"], "no CUDA device")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    _fails(["imatrix", str(tiny_llama_dir), "-o", str(tmp_path / "i.gguf"), "--calibration", str(short)], "fewer than one chunk")
+    _fails(["imatrix", str(tiny_llama_dir), "-o", str(tmp_path / "i.gguf"), "--calibration", str(short)], "fewer than 1 chunk of 512")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     _fails(["imatrix", str(tiny_llama_dir), "-o", str(tmp_path / "i.gguf"), "--calibration", str(empty)], "is empty")

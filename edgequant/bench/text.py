@@ -63,3 +63,22 @@ def _dataset(name: str) -> Text:
     except Exception as e:
         raise EdgequantError(f"cannot load {name} ({type(e).__name__}); offline? pass --text FILE or use the built-in 'pydoc' text") from None
     return Text(name=name, text="\n".join(rows["text"]))
+
+
+def chunk_ids(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None, *, minimum: int = 1) -> list[list[int]]:
+    """llama.cpp's chunking (llama-perplexity, llama-imatrix): back-to-back ``ctx``-token chunks of
+    the once-tokenized text, each chunk's first token overwritten with BOS when the model adds BOS."""
+    available = len(ids) // ctx
+    if available < minimum:
+        raise EdgequantError(
+            f"the text has {len(ids)} tokens, fewer than {minimum} chunk{'s' if minimum > 1 else ''} of {ctx} "
+            f"(it needs {minimum * ctx}); pass a longer text or a smaller --ctx"
+        )
+    n = available if n_chunks is None else max(minimum, min(n_chunks, available))
+    chunks = []
+    for i in range(n):
+        c = list(ids[i * ctx:(i + 1) * ctx])
+        if bos_id is not None:
+            c[0] = bos_id
+        chunks.append(c)
+    return chunks

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgequant.atomic import check_writable
-from edgequant.bench.text import load_text
+from edgequant.bench.text import chunk_ids, load_text
 from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
@@ -60,21 +60,6 @@ def resolve_device(device: str) -> torch.device:
     if device != "cpu":
         raise EdgequantError(f"--device {device!r}: use cpu or cuda")
     return torch.device("cpu")
-
-
-def chunk_ids(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None) -> list[list[int]]:
-    """llama.cpp's chunking: back-to-back ``ctx``-token chunks, first token replaced by BOS if any."""
-    available = len(ids) // ctx
-    if available < 1:
-        raise EdgequantError(f"the text has {len(ids)} tokens, fewer than one chunk of {ctx}; pass a longer text or a smaller --ctx")
-    n = available if n_chunks is None else min(n_chunks, available)
-    chunks = []
-    for i in range(n):
-        c = list(ids[i * ctx:(i + 1) * ctx])
-        if bos_id is not None:
-            c[0] = bos_id
-        chunks.append(c)
-    return chunks
 
 
 class _Collector:
