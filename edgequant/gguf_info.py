@@ -137,6 +137,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorSummary]]:
                     qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
                     infos.append((name, shape, qtype, offset))
                 alignment = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+                if alignment <= 0 or alignment & (alignment - 1):
+                    raise EdgequantError(f"{path} declares general.alignment = {alignment}, not a power of two; the file is corrupt")
                 data_start = -(-cur.pos // alignment) * alignment
             finally:
                 cur.buf.release()

@@ -44,7 +44,8 @@ def test_perplexity_equals_llama_perplexity(smol_f16, tmp_path):
 @pytest.mark.slow
 def test_flash_attention_changes_the_fourth_decimal(smol_f16):
     r = gguf_perplexity(smol_f16, None, ctx=512, chunks=1, threads=2, flash_attn=False)
-    assert round(r.running_ppl[0], 4) == 17.7495  # LLAMACPP_FACTS: flash attention off
+    assert r.chunks == 1 and r.scored_tokens == 255  # --chunks 1 scores one chunk, as llama-perplexity does
+    assert round(r.ppl, 4) == 17.7495  # LLAMACPP_FACTS: flash attention off (17.7503 with it)
 
 
 def test_bench_cli_json_and_errors(smol_f16, tmp_path):
@@ -59,6 +60,7 @@ def test_bench_cli_json_and_errors(smol_f16, tmp_path):
         (["bench", str(tmp_path / "missing.gguf")], "does not exist"),
         (["bench", smol_f16, "--text", str(tmp_path / "nope.txt")], "does not exist"),
         (["bench", smol_f16, "--ctx", "7"], "even context"),
+        (["bench", smol_f16, "--chunks", "0"], "--chunks 0"),
     ):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)

@@ -127,6 +127,10 @@ def test_bad_outtype_and_split_size(tiny_llama_dir, tmp_path):
     _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--outtype", "q4_k_xl"], "unknown quant type")
     _no_outputs(tmp_path / "out")
     _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--split-max-size", "lots"], "--split-max-size")
+    _fails(["convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--split-max-tensors", "-1"], "must be positive")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    _fails(["convert", str(tiny_llama_dir), "-o", str(notes)], "existing file")
 
 
 def test_no_disk_space(tiny_llama_dir, tmp_path, monkeypatch):

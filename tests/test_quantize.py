@@ -209,6 +209,14 @@ def test_options_and_convert_to_kquant(tiny_mistral_dir, tmp_path):
         llm.eval(hf_tokenizer(str(tiny_mistral_dir)).encode("hello"))
 
 
+def test_convert_to_kquant_keeps_the_split(tiny_mixtral_dir, tmp_path):
+    result = convert(tiny_mixtral_dir, tmp_path, outtype="Q4_0", split_max_tensors=8)
+    assert len(result.files) >= 3 and result.files[0].endswith(f"-Q4_0-00001-of-{len(result.files):05d}.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(f).name for f in result.files)
+    with llama(result.files[0]) as llm:
+        llm.eval(hf_tokenizer(str(tiny_mixtral_dir)).encode("hello"))
+
+
 def test_keep_split(tiny_mixtral_dir, tmp_path):
     shards = convert(tiny_mixtral_dir, tmp_path / "split", outtype="f16", split_max_tensors=8).files
     assert len(shards) >= 3

@@ -67,14 +67,20 @@ def _dataset(name: str) -> Text:
 
 def chunk_ids(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None, *, minimum: int = 1) -> list[list[int]]:
     """llama.cpp's chunking (llama-perplexity, llama-imatrix): back-to-back ``ctx``-token chunks of
-    the once-tokenized text, each chunk's first token overwritten with BOS when the model adds BOS."""
+    the once-tokenized text, each chunk's first token overwritten with BOS when the model adds BOS.
+    The text must hold ``minimum`` chunks (llama-perplexity needs 2 x ctx tokens) even when fewer
+    are asked for."""
+    if ctx < 1:
+        raise EdgequantError(f"--ctx {ctx}: use a positive number of tokens per chunk (512 is llama.cpp's usual)")
+    if n_chunks == 0:
+        raise EdgequantError("--chunks 0: use a positive number of chunks, or leave it out for all of them")
     available = len(ids) // ctx
     if available < minimum:
         raise EdgequantError(
             f"the text has {len(ids)} tokens, fewer than {minimum} chunk{'s' if minimum > 1 else ''} of {ctx} "
             f"(it needs {minimum * ctx}); pass a longer text or a smaller --ctx"
         )
-    n = available if n_chunks is None else max(minimum, min(n_chunks, available))
+    n = available if n_chunks is None or n_chunks < 0 else min(n_chunks, available)  # negative: all, like llama.cpp
     chunks = []
     for i in range(n):
         c = list(ids[i * ctx:(i + 1) * ctx])

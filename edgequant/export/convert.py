@@ -72,9 +72,14 @@ def convert(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
+    if split_max_size < 0 or split_max_tensors < 0:
+        raise EdgequantError("--split-max-size and --split-max-tensors must be positive (or 0 for no split)")
+    if output is not None and Path(output).exists() and not Path(output).is_dir() and Path(output).suffix != ".gguf":
+        raise EdgequantError(f"-o {output} is an existing file; pass a folder or a .gguf path")
     if outtype.lower() not in (*OUTTYPES, "auto"):
         return _convert_to_quant(source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
-                                 pre_tokenizer=pre_tokenizer, model_name=model_name, force=force)
+                                 pre_tokenizer=pre_tokenizer, model_name=model_name, force=force,
+                                 split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     t0 = time.perf_counter()
     if template_bos not in ("keep", "add"):
         raise EdgequantError(f"--template-bos {template_bos!r}: use keep or add")
@@ -166,7 +171,8 @@ def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
     try:
         base = convert(source, tmp_dir, outtype="auto", **kw)
         target = out if out.suffix == ".gguf" else out / output_name(Path(base.files[0]), qt.name)
-        (q,) = quantize(base.files[0], [qt.name], target, QuantizeOptions(force=kw.get("force", False)))
+        split = bool(kw.get("split_max_size") or kw.get("split_max_tensors"))  # shards in, same shards out
+        (q,) = quantize(base.files[0], [qt.name], target, QuantizeOptions(force=kw.get("force", False), keep_split=split))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     base.files, base.outtype = q.files, q.type

@@ -229,7 +229,12 @@ def quantize(
         finals = {t.name: out_dir / output_name(src, t.name) for t in wanted}
     if opts.keep_split and len(info.files) == 1:
         opts = dataclasses.replace(opts, keep_split=False)  # nothing to keep
-    check_writable(list(finals.values()), force=opts.force)
+    if opts.keep_split:
+        check_writable([p for f in finals.values() for p in _split_finals(f, len(info.files))], force=opts.force)
+    else:
+        check_writable(list(finals.values()), force=opts.force)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgequantError(f"-o {out_dir} is an existing file; pass a folder or a .gguf path")
     out_dir.mkdir(parents=True, exist_ok=True)
     first_input = shard_paths(src)[0]
     return [_quantize_one(first_input, info, t, finals[t.name], imatrix, opts) for t in wanted]

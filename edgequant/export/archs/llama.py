@@ -90,7 +90,10 @@ class Llama(Architecture):
         elif kind == "yarn" and factor is not None:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(float(factor))
-            w.add_rope_scaling_orig_ctx_len(int(self.rope["original_max_position_embeddings"]))
+            orig = self.rope.get("original_max_position_embeddings", self.config.get("original_max_position_embeddings"))
+            if orig is None:
+                raise EdgequantError("rope scaling 'yarn' needs original_max_position_embeddings in config.json; add the pre-extension context length")
+            w.add_rope_scaling_orig_ctx_len(int(orig))
             for key, add in (
                 ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
                 ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
