@@ -202,6 +202,9 @@ def test_options_and_convert_to_kquant(tiny_mistral_dir, tmp_path):
     assert types["output.weight"] == "Q5_0"
     (r2,) = quantize(f16, ["Q4_0"], tmp_path / "leave", QuantizeOptions(leave_output_tensor=True))
     assert {t.name: t.type for t in inspect_gguf(r2.files[0]).tensors}["output.weight"] == "F16"
+    stale = tmp_path / "direct" / ".edgequant-tmp-999999999"  # left by a run killed with SIGKILL
+    stale.mkdir(parents=True)
+    (stale / "model-F16.gguf").write_bytes(b"partial")
     result = convert(tiny_mistral_dir, tmp_path / "direct", outtype="Q4_K_M")
     assert result.outtype == "Q4_K_M" and result.files[0].endswith("-Q4_K_M.gguf")
     assert [p.name for p in (tmp_path / "direct").iterdir()] == [Path(result.files[0]).name]  # temp F16 removed

@@ -167,7 +167,9 @@ def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
             f"`edgequant imatrix MODEL -o imatrix.gguf` and `edgequant quantize MODEL-F16.gguf {qt.name} --imatrix imatrix.gguf`"
         )
     out = Path(output) if output is not None else Path.cwd()
-    tmp_dir = (out.parent if out.suffix == ".gguf" else out) / f".edgequant-tmp-{os.getpid()}"
+    parent = out.parent if out.suffix == ".gguf" else out
+    _remove_stale_temp_dirs(parent)
+    tmp_dir = parent / f"{TMP_PREFIX}{os.getpid()}"
     try:
         base = convert(source, tmp_dir, outtype="auto", **kw)
         target = out if out.suffix == ".gguf" else out / output_name(Path(base.files[0]), qt.name)
@@ -180,3 +182,23 @@ def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
     base.seconds = round(base.seconds + q.seconds, 3)
     base.fallbacks = base.fallbacks + [str(f) for f in q.fallbacks]
     return base
+
+
+TMP_PREFIX = ".edgequant-tmp-"
+
+
+def _remove_stale_temp_dirs(parent: Path) -> None:
+    """A run killed outright (SIGKILL, power loss) cannot clean up its temporary 16-bit GGUF; the
+    next run in the same folder removes the folders whose process is gone."""
+    if not parent.is_dir():
+        return
+    for d in parent.glob(f"{TMP_PREFIX}*"):
+        pid = d.name[len(TMP_PREFIX):]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
