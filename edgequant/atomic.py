@@ -29,6 +29,12 @@ def check_writable(finals: Sequence[Path], *, force: bool) -> None:
         raise EdgequantError(f"output exists: {existing[0]} (pass --force to overwrite, or choose another -o)")
 
 
+def check_output_folder(folder: Path) -> None:
+    """``-o`` must name a folder (or a .gguf path, handled by the caller), not an existing file."""
+    if folder.exists() and not folder.is_dir():
+        raise EdgequantError(f"-o {folder} is an existing file; pass a folder or a .gguf path")
+
+
 def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 1.02) -> None:
     """Fail early, naming the numbers, when the output disk cannot hold the result."""
     directory.mkdir(parents=True, exist_ok=True)

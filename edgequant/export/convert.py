@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import edgequant
+from edgequant.atomic import check_output_folder
 from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
@@ -74,8 +75,8 @@ def convert(
     """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
     if split_max_size < 0 or split_max_tensors < 0:
         raise EdgequantError("--split-max-size and --split-max-tensors must be positive (or 0 for no split)")
-    if output is not None and Path(output).exists() and not Path(output).is_dir() and Path(output).suffix != ".gguf":
-        raise EdgequantError(f"-o {output} is an existing file; pass a folder or a .gguf path")
+    if output is not None and Path(output).suffix != ".gguf":
+        check_output_folder(Path(output))
     if outtype.lower() not in (*OUTTYPES, "auto"):
         return _convert_to_quant(source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
                                  pre_tokenizer=pre_tokenizer, model_name=model_name, force=force,

@@ -27,7 +27,7 @@ from typing import Iterator
 import gguf
 import llama_cpp
 
-from edgequant.atomic import atomic_outputs, check_free_space, check_writable
+from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf, shard_paths
 from edgequant.progress import progress_count
@@ -233,14 +233,40 @@ def quantize(
         check_writable([p for f in finals.values() for p in _split_finals(f, len(info.files))], force=opts.force)
     else:
         check_writable(list(finals.values()), force=opts.force)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EdgequantError(f"-o {out_dir} is an existing file; pass a folder or a .gguf path")
+    check_output_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first_input = shard_paths(src)[0]
-    return [_quantize_one(first_input, info, t, finals[t.name], imatrix, opts) for t in wanted]
+    native = _NativeOptions(imatrix, opts)  # the same arrays serve every type
+    return [_quantize_one(first_input, info, t, finals[t.name], native, opts) for t in wanted]
 
 
-def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Imatrix | None,
+class _NativeOptions:
+    """The C arrays llama.cpp reads (imatrix data, provenance keys, tensor-type overrides), built
+    once and kept alive, with the Python objects they point into, for every call that uses them."""
+
+    def __init__(self, imatrix: Imatrix | None, opts: QuantizeOptions):
+        self.imatrix_path = str(opts.imatrix) if imatrix is not None else None
+        self.imatrix = self.kv = self.tt = None
+        self._keep: list = []
+        if imatrix is not None:
+            arr, hold = _imatrix_array(imatrix)
+            self.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+            provenance: dict[str, str | int] = {"quantize.imatrix.file": Path(opts.imatrix).name}  # llama-quantize's keys
+            if imatrix.datasets:
+                provenance["quantize.imatrix.dataset"] = imatrix.datasets[0]
+            provenance["quantize.imatrix.entries_count"] = len(imatrix.entries)
+            if imatrix.chunk_count:
+                provenance["quantize.imatrix.chunks_count"] = imatrix.chunk_count
+            kv = _kv_array(provenance)
+            self.kv = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+            self._keep += [arr, hold, kv]
+        if opts.tensor_types:
+            arr, hold = _tt_array(opts.tensor_types)
+            self.tt = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+            self._keep += [arr, hold]
+
+
+def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _NativeOptions,
                   opts: QuantizeOptions) -> QuantizeResult:
     check_free_space(final.parent, int(info.n_params * max(t.bpw, 4.0) / 8) + 64 * 1024 * 1024)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -254,24 +280,11 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
         params.output_tensor_type = ggml_type(opts.output_tensor_type)
     if opts.token_embedding_type:
         params.token_embedding_type = ggml_type(opts.token_embedding_type)
-    keep = []
-    if imatrix is not None:
-        arr, hold = _imatrix_array(imatrix)
-        keep += [arr, hold]
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        provenance: dict[str, str | int] = {"quantize.imatrix.file": Path(opts.imatrix).name}  # llama-quantize's keys
-        if imatrix.datasets:
-            provenance["quantize.imatrix.dataset"] = imatrix.datasets[0]
-        provenance["quantize.imatrix.entries_count"] = len(imatrix.entries)
-        if imatrix.chunk_count:
-            provenance["quantize.imatrix.chunks_count"] = imatrix.chunk_count
-        kv = _kv_array(provenance)
-        keep.append(kv)
-        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    if opts.tensor_types:
-        arr, hold = _tt_array(opts.tensor_types)
-        keep += [arr, hold]
-        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if native.imatrix is not None:
+        params.imatrix = native.imatrix
+        params.kv_overrides = native.kv
+    if native.tt is not None:
+        params.tt_overrides = native.tt
 
     fallbacks: list[Fallback] = []
     errors: list[str] = []
@@ -287,8 +300,7 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
                 errors.append(line.strip())
 
         if opts.keep_split:
-            finals = _split_finals(final, len(info.files))
-            check_writable(finals, force=opts.force)
+            finals = _split_finals(final, len(info.files))  # checked for existing files in quantize()
             staging = final.parent / f".{final.name}.part.d"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
@@ -310,13 +322,12 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, imatrix: Im
                     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))
                 _check_rc(rc, t, errors)
             files = [final]
-    del keep
     out_info = inspect_gguf(files[0])
     return QuantizeResult(
         type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
         bits_per_weight=out_info.bits_per_weight, seconds=round(time.perf_counter() - t0, 3),
         type_counts=out_info.type_counts, fallbacks=fallbacks,
-        imatrix=str(opts.imatrix) if imatrix is not None else None,
+        imatrix=native.imatrix_path,
     )
 
 

@@ -67,11 +67,14 @@ class _Collector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
+    def _slot(self, name: str, n_expert: int, cols: int) -> None:
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(n_expert, cols, dtype=torch.float64)
+            self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
+
     def add(self, name: str, x: torch.Tensor, expert: int | None = None, n_expert: int = 1) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        if name not in self.sums:
-            self.sums[name] = torch.zeros(n_expert, x.shape[-1], dtype=torch.float64)
-            self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
+        self._slot(name, n_expert, x.shape[-1])
         e = 0 if expert is None else expert
         self.sums[name][e] += (x * x).sum(0).cpu()
         self.counts[name][e] += x.shape[0]
@@ -90,7 +93,8 @@ class _Collector:
             x = hidden.detach().reshape(-1, hidden.shape[-1])
             index = index.reshape(x.shape[0], -1)
             n_expert = module.gate_up_proj.shape[0]
-            self._ensure(gate, up, down, n_expert, x.shape[-1], module.down_proj.shape[-1])  # unrouted experts too
+            for name, cols in ((gate, x.shape[-1]), (up, x.shape[-1]), (down, module.down_proj.shape[-1])):
+                self._slot(name, n_expert, cols)  # so that experts no token reached are present too
             for e in range(n_expert):
                 rows = (index == e).any(-1)
                 if not bool(rows.any()):
@@ -102,12 +106,6 @@ class _Collector:
                 self.add(up, xe, e, n_expert)
                 self.add(down, h, e, n_expert)
         return hook
-
-    def _ensure(self, gate, up, down, n_expert, n_embd, n_ff) -> None:
-        for name, cols in ((gate, n_embd), (up, n_embd), (down, n_ff)):
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(n_expert, cols, dtype=torch.float64)
-                self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
 
     def imatrix(self) -> dict[str, ImatrixEntry]:
         return {n: ImatrixEntry(sums=self.sums[n].numpy().astype(np.float32), counts=self.counts[n].numpy().astype(np.float32))
