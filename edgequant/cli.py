@@ -214,6 +214,45 @@ def bench(
 
 
 @app.command()
+def gptq(
+    source: str = typer.Argument(..., help="HF model folder (bf16/f16/f32 safetensors)."),
+    bits: str = typer.Option("4", "--bits", help="Bit widths, a comma list of 2, 3, 4, 8 (one folder each)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write the <Name>-GPTQ-<b>bit-<g>g folders into. Default: current folder."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per scale/zero group, or -1 for one per row. Default: 128, else 64/32 when 128 does not divide every input dimension."),
+    desc_act: bool = typer.Option(False, "--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation (better, slower kernels)."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero point fixed; what most kernels expect)."),
+    damp_percent: float = typer.Option(0.05, "--damp-percent", help="Hessian dampening, a fraction of its mean diagonal."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="Quantize a layer's modules in order, each on the outputs of the already quantized ones."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", "--text", help="Calibration text file; default: the built-in Python docs corpus."),
+    samples: int = typer.Option(128, "--samples", help="Calibration samples (token windows)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the calibration windows and the quantizer."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Calibration samples per forward pass."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output folders."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """GPTQ-quantize an HF model (GPTQModel backend) into v1 GPTQ checkpoints that transformers and vLLM load."""
+    from edgequant.quantize.gptq import GPTQOptions, gptq as do_gptq
+
+    opts = GPTQOptions(group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
+                       true_sequential=true_sequential, calibration=calibration, samples=samples, seq_len=seq_len,
+                       seed=seed, device=device, batch_size=batch_size, force=force)
+    results = _run(lambda: do_gptq(source, bits, output, opts), as_json)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    table = Table("bits", "group", "folder", "size", "bits/weight", "max layer loss", "time",
+                  title=f"GPTQ on {results[0].samples} x {results[0].seq_len} tokens of {results[0].calibration}")
+    for r in results:
+        table.add_row(str(r.bits), str(r.group_size), r.folder, _human(r.size_bytes), f"{r.bits_per_weight:.2f}",
+                      f"{r.max_loss:.3g}", f"{r.seconds:.1f} s")
+    out.print(table)
+    for n in dict.fromkeys(n for r in results for n in r.notes):
+        err.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .gguf file (any shard of a split file)."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
