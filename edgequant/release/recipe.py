@@ -1141,7 +1141,7 @@ def _gate(chk: _Checker, e: dict, i: int, names: dict[str, str], devices: tuple[
         t.err("metric", f"unknown metric {metric!r} in {t.label}{hint}; use one of {', '.join(METRICS)}", value=metric)
         return None
     hi, lo = t.float("max", None), t.float("min", None)
-    if "max" in e and hi is None or "min" in e and lo is None:
+    if (e.get("max") is not None and hi is None) or (e.get("min") is not None and lo is None):
         return None  # type error already reported
     right = METRICS[metric]
     if hi is None and lo is None:
