@@ -444,3 +444,15 @@ def test_recipe_is_frozen(folder):
     with pytest.raises(AttributeError):
         r.name = "x"  # type: ignore[misc]
     assert isinstance(r, Recipe)
+
+
+def test_docs_example_loads(tmp_path):
+    """The example in docs/recipe.md is a valid recipe."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipe.md").read_text()
+    example = re.search(r"## An example\n\n```toml\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "calibration_data.txt").write_text("calibration text\n")
+    r = load_recipe(write(tmp_path, example))
+    assert "IQ2_XS" in r.artifact_names and r.gguf[r.artifact_names.index("IQ2_XS")].imatrix
+    assert r.artifact_names[-2:] == ["GPTQ-4bit-128g", "GPTQ-8bit-32g-act"]
