@@ -338,6 +338,7 @@ def test_find_line():
     assert find_line(text, "release", "gguf") == 4
     assert find_line(text, "release", "gguf", value="Q2_K") == 6
     assert find_line(text, "release", "imatrix") == 6  # a key inside an inline table
+    assert find_line(text, "release", "imatrix", after=7) is None
     assert find_line(text, "gates", "metric", index=0) == 10
     assert find_line(text, "gates", "metric", index=1) == 13  # quoted key, second [[gates]]
     assert find_line(text, "bench", "ctx") == 17
@@ -417,6 +418,18 @@ def test_select(folder):
         r.select(["Q5_K_M"])
     with pytest.raises(EdgequantError, match=r"--only gptq-3bit"):
         r.select(["gptq-3bit"])
+
+
+def test_inline_table_key_line_is_its_entrys(folder):
+    p = write(folder, """
+        [release]
+        source = "model"
+        gguf = [
+          {type = "Q2_K", imatrix = true},
+          {type = "IQ2_XS", imatrix = false},
+        ]
+        """)
+    assert errors(p) == [f"{p}:5: IQ2_XS needs an importance matrix; remove imatrix = false (or choose another type)"]
 
 
 def test_duplicate_artifacts(folder):

@@ -365,8 +365,7 @@ class Recipe:
         unknown = []
         base = {b.casefold() for b in self.base_artifact_names}
         for requested in names:
-            key = requested.casefold()
-            key = qtypes.ALIASES.get(key.upper(), key.upper()).casefold() if key.upper() in qtypes.ALIASES else key
+            key = qtypes.ALIASES.get(requested.upper(), requested).casefold()
             hit = False
             if key == "gguf":
                 keep_gguf.update(range(len(self.gguf)))
@@ -424,9 +423,9 @@ def recipe_from_dict(raw: Mapping[str, Any], *, base_dir: str | Path = ".") -> R
     return _build(copy.deepcopy(dict(raw)), base_dir=str(base_dir), text=None, file=None)
 
 
-def recipe_from_options(source: str, base_dir: str | Path = ".", **flags: Any) -> Recipe:
+def recipe_from_options(source: str | Path, base_dir: str | Path = ".", **flags: Any) -> Recipe:
     """A one-off recipe from command-line flags (``FLAGS`` lists them; ``None`` means not given)."""
-    raw: dict = {"release": {"source": source}}
+    raw: dict = {"release": {"source": str(source)}}
     given = _apply_flags(raw, flags)
     given[("release", "source")] = "source"
     return _build(raw, base_dir=str(Path(base_dir).resolve()), text=None, file=None, flags=given)
@@ -568,11 +567,13 @@ def _dash(flag: str) -> str:
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?\s*(?:#.*)?$")
 
 
-def find_line(text: str, section: str | None, key: str | None = None, *, index: int = 0, value: Any = None) -> int | None:
+def find_line(text: str, section: str | None, key: str | None = None, *, index: int = 0, value: Any = None,
+              after: int | None = None) -> int | None:
     """1-based line of ``key`` (optionally holding ``value``) inside table ``section``
     (``None``: the root; ``index``: which ``[[section]]``), or of the table header when no key is
     given. Finds bare and quoted keys, keys inside inline tables, and string values inside a
-    multi-line array. Returns None when the text does not show it (e.g. dotted keys elsewhere)."""
+    multi-line array; ``after`` (a 1-based line) skips the lines before it. Returns None when the
+    text does not show it."""
     lines = text.splitlines()
     headers: list[tuple[str | None, int, int]] = [(None, 0, -1)]  # (name, occurrence, line index)
     seen: dict[str, int] = {}
@@ -592,6 +593,8 @@ def find_line(text: str, section: str | None, key: str | None = None, *, index: 
             break
     if start is None:
         return _find_dotted(lines, section, key)
+    if after is not None:
+        start = max(start, after - 1)
     at = start
     if key is not None:
         pattern = re.compile(rf"(?:^|[{{,\s])(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=")
@@ -602,7 +605,9 @@ def find_line(text: str, section: str | None, key: str | None = None, *, index: 
             return at + 1
     forms = _value_forms(value)
     hit = next((i for i in range(at, end) if any(f in _strip_comment(lines[i]) for f in forms)), None)
-    return (hit if hit is not None else at) + 1 if (hit is not None or key is not None) else None
+    if hit is not None:
+        return hit + 1
+    return at + 1 if key is not None else None  # the key's line when its value is not shown literally
 
 
 def _find_dotted(lines: list[str], section: str | None, key: str | None) -> int | None:
@@ -700,10 +705,6 @@ class _Table:
                 elsewhere = [s for s, keys in TABLES.items() if key in keys and s != self.section]
                 hint = f" (it belongs in {_label(elsewhere[0], None if elsewhere[0] not in ARRAY_TABLES else 0).replace(' #1', '')})" if elsewhere else ""
             self.err(key, f"unknown key {key!r} in {self.label}{hint}")
-
-    def get(self, key: str, default: Any) -> Any:
-        v = self.data.get(key)
-        return default if v is None else v
 
     def str(self, key: str, default: str | None, *, choices: Iterable[str] | None = None, lower: bool = False) -> str | None:
         v = self.data.get(key)
@@ -1103,10 +1104,11 @@ def _entry_err(chk: _Checker, type_value: str | None, tbl: _Table | None):
     """Errors of a release.gguf entry: the line holding its key (inline table) or its type string."""
 
     def err(key: str | None, message: str, value: Any = None) -> None:
-        if tbl is not None and key is not None and key != "type" and key in tbl.data:
-            # the key's own line, searched from the entry's type string onwards
-            line_value = value if isinstance(value, str) else None
-            where = chk.where("release", key, value=line_value, flag_key=("release", "gguf"))
+        if tbl is not None and key is not None and key != "type" and key in tbl.data and chk.text and ("release", "gguf") not in chk.flags:
+            # the key's own line, searched from the line of the entry's type onwards
+            entry_line = find_line(chk.text, "release", "gguf", value=type_value) if type_value else None
+            line = find_line(chk.text, "release", key, after=entry_line)
+            where = f"{chk.file}:{line}" if line else str(chk.file)
         else:
             where = chk.where("release", "gguf", value=type_value, flag_key=("release", "gguf"))
         chk.errors.append(f"{where}: {message}")
