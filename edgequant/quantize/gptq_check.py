@@ -208,3 +208,67 @@ def check_gptq_folder(folder: str | Path, source: str | Path) -> CheckResult:
     if not result.modules:
         result.problems.append("no quantized module (*.qweight) found")
     return result
+
+
+def dequantized_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Module name -> float32 ``[out, in]`` weight, unpacked by :func:`dequantize`, for every quantized module."""
+    folder = Path(folder)
+    bits = int(_read_quant_config(folder)["bits"])
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in (k for k in f.keys() if k.endswith(".qweight")):
+                name = key[: -len(".qweight")]
+                out[name] = dequantize(*(f.get_tensor(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")), bits)
+    return out
+
+
+def replace_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Write ``weights`` (by GPTQ module name) into a plain transformers model of the source, in place:
+    ``nn.Linear`` modules by name, per-expert names into transformers 5's fused expert tensors.
+    Returns how many matrices were replaced; every one of ``weights`` must find its place."""
+    params = dict(model.named_parameters())
+    done = 0
+    with torch.no_grad():
+        for name, w in weights.items():
+            p = params.get(name + ".weight")
+            if p is not None:
+                p.copy_(w.to(p.dtype))
+                done += 1
+                continue
+            m = _EXPERT.match(name)
+            if m is None:
+                raise EdgequantError(f"{name}: no such module in the model")
+            e, proj = int(m["e"]), {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m["proj"], m["proj"])
+            prefix = m["prefix"].replace(".block_sparse_moe", ".mlp")
+            if proj == "down_proj":
+                params[f"{prefix}.experts.down_proj"][e].copy_(w.to(params[f"{prefix}.experts.down_proj"].dtype))
+            else:
+                gu = params[f"{prefix}.experts.gate_up_proj"]
+                ff = gu.shape[1] // 2
+                rows = slice(0, ff) if proj == "gate_proj" else slice(ff, 2 * ff)
+                gu[e, rows].copy_(w.to(gu.dtype))
+            done += 1
+    return done
+
+
+def rtn_model_(model: torch.nn.Module, names: list[str], bits: int, group_size: int, sym: bool) -> None:
+    """Round-to-nearest, in place, of the same matrices (GPTQ module names) of a plain transformers model."""
+    params = dict(model.named_parameters())
+    rtn = {}
+    for name in names:
+        p = params.get(name + ".weight")
+        if p is not None:
+            rtn[name] = rtn_dequantize(p.detach(), bits, group_size, sym)
+            continue
+        m = _EXPERT.match(name)
+        e, proj = int(m["e"]), {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m["proj"], m["proj"])
+        prefix = m["prefix"].replace(".block_sparse_moe", ".mlp")
+        if proj == "down_proj":
+            w = params[f"{prefix}.experts.down_proj"][e]
+        else:
+            gu = params[f"{prefix}.experts.gate_up_proj"][e]
+            ff = gu.shape[0] // 2
+            w = gu[:ff] if proj == "gate_proj" else gu[ff:]
+        rtn[name] = rtn_dequantize(w.detach(), bits, group_size, sym)
+    replace_weights(model, rtn)
