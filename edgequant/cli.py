@@ -191,26 +191,85 @@ def imatrix(
 
 @app.command()
 def bench(
-    models: list[Path] = typer.Argument(..., help="GGUF files to measure."),
+    models: Optional[list[str]] = typer.Argument(None, help="GGUF files and HF/GPTQ folders to measure."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="KLD reference: a F16/BF16 GGUF or the HF checkpoint (default: the highest-precision GGUF given)."),
     text: Optional[str] = typer.Option(None, "--text", help="Text file; default: the built-in Python docs corpus; wikitext-2 when online."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-perplexity's -c)."),
-    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks (default: all; at least 2)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: llama.cpp's choice)."),
-    no_flash_attn: bool = typer.Option(False, "--no-flash-attn", help="Disable flash attention (llama-perplexity uses it on CPU)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks (default: all; the text must hold 2)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cpu,cuda. Quality runs on the CPU when listed; speed on each."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: physical cores, as llama.cpp's tools)."),
+    no_flash_attn: bool = typer.Option(False, "--no-flash-attn", help="Disable flash attention (llama.cpp's tools use it)."),
+    speed_only: bool = typer.Option(False, "--speed-only", help="Only tokens/sec (no text needed)."),
+    quality_only: bool = typer.Option(False, "--quality-only", help="Only perplexity/KLD."),
+    pp: int = typer.Option(512, "--pp", help="Prompt tokens for the pp test (llama-bench -p)."),
+    tg: int = typer.Option(128, "--tg", help="Generated tokens for the tg test (llama-bench -n)."),
+    reps: int = typer.Option(5, "--reps", help="Repetitions after the warm-up (llama-bench -r)."),
+    batch_size: int = typer.Option(2048, "--batch-size", help="Logical batch for pp (llama-bench -b)."),
+    ubatch_size: int = typer.Option(512, "--ubatch-size", help="Physical batch for pp (llama-bench -ub)."),
+    fmt: str = typer.Option("table", "--format", help="table, json, csv or md."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the report to this file (format from --format, else from the suffix)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of size against PPL/KLD with the Pareto front."),
+    json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of the --json report and exit."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Perplexity of GGUF files, the number llama-perplexity prints (KLD and speed: next)."""
-    from edgequant.bench.perplexity import bench_perplexity
+    """Perplexity, KL divergence and tokens/sec of GGUF files and HF/GPTQ folders, as llama.cpp's tools measure them."""
+    from edgequant.bench import report as rep
+    from edgequant.bench.run import BenchOptions, run_bench
 
-    results = _run(lambda: bench_perplexity([str(m) for m in models], text, ctx=ctx, chunks=chunks, threads=threads,
-                                            flash_attn=not no_flash_attn), as_json)
-    if as_json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+    if json_schema:
+        print(json.dumps(rep.JSON_SCHEMA, indent=2))
         return
-    table = Table("model", "PPL", "+/-", "chunks", "ctx", "time", title=f"perplexity on {results[0].text}")
-    for r in results:
-        table.add_row(Path(r.model).name, f"{r.ppl:.4f}", f"{r.ppl_error:.5f}", str(r.chunks), str(r.ctx), f"{r.seconds:.1f} s")
-    out.print(table)
+    fmt = "json" if as_json else fmt.lower()
+    if fmt not in ("table", "json", "csv", "md"):
+        _fail(f"--format {fmt}: use table, json, csv or md")
+    opts = BenchOptions(
+        reference=reference, text=text, ctx=ctx, chunks=chunks, devices=device, threads=threads,
+        flash_attn=not no_flash_attn, speed=not quality_only, quality=not speed_only, pp=pp, tg=tg, reps=reps,
+        n_batch=batch_size, n_ubatch=ubatch_size,
+    )
+
+    def work():
+        from edgequant.atomic import check_output_folder
+
+        for target in (output, plot):
+            if target is not None:
+                check_output_folder(target.parent if str(target.parent) else Path("."))
+                if target.is_dir():
+                    raise EdgequantError(f"{target} is a folder; name a file")
+        return run_bench(list(models or []), opts)
+
+    report = _run(work, fmt == "json")
+    renderers = {"json": lambda: report.to_json() + "\n", "csv": lambda: rep.to_csv(report), "md": lambda: rep.to_markdown(report)}
+    if output is not None:
+        kind = fmt if fmt != "table" else {".json": "json", ".csv": "csv", ".md": "md"}.get(output.suffix.lower(), "md")
+        _run(lambda: _write_text(output, renderers[kind]()), fmt == "json")
+    if plot is not None:
+        if not any(r.quality for r in report.rows):
+            err.print("[yellow]note:[/] --plot needs perplexity numbers; nothing plotted with --speed-only")
+        else:
+            _run(lambda: rep.plot(report, plot), fmt == "json")
+    if fmt != "table":
+        sys.stdout.write(renderers[fmt]())
+        return
+    header, cells = rep.display_rows(report)
+    table = Table(*header, title="edgequant bench")
+    for row in cells:
+        table.add_row(*row)
+    out.print(table, width=None if out.is_terminal else 250)  # wide: a pipe or CI log should not squeeze it
+    out.print(rep.describe_settings(report), highlight=False)
+    for row in rep.flat_rows(report):
+        if row.get("absent"):
+            err.print(f"[yellow]absent:[/] {row['name']} on {row['device']}: {row['absent']}", highlight=False)
+    for n in report.notes:
+        err.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    from edgequant.atomic import atomic_outputs
+
+    with atomic_outputs([path]) as (part,):
+        part.write_text(text, encoding="utf-8")
+    return path
 
 
 @app.command()

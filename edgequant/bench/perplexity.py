@@ -14,13 +14,14 @@ does not change the result, so we evaluate one chunk at a time.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgequant.bench.backends import LlamaCppBackend
+from edgequant.bench.quality import QualityAccumulator, nll_of_next_tokens  # noqa: F401 (re-exported)
 from edgequant.bench.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf
@@ -46,14 +47,6 @@ class PerplexityResult:
         return f"Final estimate: PPL = {self.ppl:.4f} +/- {self.ppl_error:.5f}"
 
 
-def nll_of_next_tokens(logits: np.ndarray, next_ids: list[int]) -> np.ndarray:
-    """-log softmax(logits[i])[next_ids[i]] per row, in float64 (llama.cpp sums exp in double)."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
-    return lse - x[np.arange(len(next_ids)), next_ids]
-
-
 def gguf_perplexity(
     model: str | Path,
     text: str | Path | Text | None = None,
@@ -64,57 +57,22 @@ def gguf_perplexity(
     flash_attn: bool = True,
 ) -> PerplexityResult:
     """Perplexity of a GGUF through llama.cpp, the number llama-perplexity prints for the same inputs."""
-    import llama_cpp
-
     inspect_gguf(model)  # one clear line for a missing or broken file
     corpus = text if isinstance(text, Text) else load_text(text)
     if ctx < 16 or ctx % 2:
         raise EdgequantError(f"--ctx {ctx}: use an even context of at least 16 tokens (512 is llama-perplexity's usual)")
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                          flash_attn=flash_attn, n_threads=threads, verbose=False)
+    backend = LlamaCppBackend(model, threads=threads, ctx=ctx, flash_attn=flash_attn)
     try:
-        ids = llm.tokenize(corpus.text.encode("utf-8"), add_bos=True, special=False)  # BOS only if the vocab adds it
-        bos = llm.token_bos() if llm._model.add_bos_token() else None
-        batches = chunk_ids(ids, ctx, chunks, bos, minimum=2)
+        batches = chunk_ids(backend.tokenize(corpus.text), ctx, chunks, backend.info.bos_id, minimum=2)
+        acc = QualityAccumulator(with_kld=False)
         first = ctx // 2
-        nll_sum = nll2_sum = 0.0
-        count = 0
-        running = []
         for chunk in batches:
-            llm.reset()
-            llm.eval(chunk)
-            logits = np.asarray(llm.scores[first:ctx - 1], dtype=np.float32)
-            nll = nll_of_next_tokens(logits, chunk[first + 1:ctx])
-            nll_sum += float(nll.sum())
-            nll2_sum += float((nll * nll).sum())
-            count += len(nll)
-            running.append(math.exp(nll_sum / count))
+            acc.add(backend.logits(chunk, first), np.asarray(chunk[first + 1:]))
     finally:
-        llm.close()
-    mean = nll_sum / count
-    var = nll2_sum / count - mean * mean
-    ppl = math.exp(mean)
-    err = math.sqrt(var / (count - 1)) * ppl if var > 0 else 0.0
+        backend.close()
+    ppl, err = acc.ppl()
     return PerplexityResult(
-        model=str(model), text=corpus.name, ctx=ctx, chunks=len(batches), scored_tokens=count, ppl=ppl,
-        ppl_error=err, seconds=round(time.perf_counter() - t0, 2), flash_attn=flash_attn, running_ppl=running,
+        model=str(model), text=corpus.name, ctx=ctx, chunks=len(batches), scored_tokens=acc.count, ppl=ppl,
+        ppl_error=err, seconds=round(time.perf_counter() - t0, 2), flash_attn=flash_attn, running_ppl=acc.running_ppl,
     )
-
-
-def bench_perplexity(
-    models: list[str | Path],
-    text: str | Path | None = None,
-    *,
-    ctx: int = 512,
-    chunks: int | None = None,
-    threads: int | None = None,
-    flash_attn: bool = True,
-) -> list[PerplexityResult]:
-    """Perplexity of several GGUF files on the same text (loaded once)."""
-    if not models:
-        raise EdgequantError("name at least one .gguf file to measure")
-    corpus = load_text(text)
-    for m in models:
-        inspect_gguf(m)  # fail on a bad path before spending minutes on the others
-    return [gguf_perplexity(m, corpus, ctx=ctx, chunks=chunks, threads=threads, flash_attn=flash_attn) for m in models]

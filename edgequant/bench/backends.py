@@ -1,0 +1,210 @@
+"""The two ways the benchmark runs a model: llama.cpp for GGUF files, torch for HF and GPTQ folders.
+
+Both give the same three things: the token ids of a text (BOS first when the model adds BOS), the
+logits of one chunk evaluated from an empty cache, and a load/close life cycle. Speed is measured
+in ``speed.py`` on a fresh instance of each model, so quality runs and speed runs never share a
+context.
+
+Devices are explicit: ``cpu`` always works; ``cuda`` means every layer offloaded (llama.cpp built
+with CUDA) or the torch model on the GPU. When a backend cannot use CUDA, ``cuda_absent_reason``
+says why, and the caller reports the row as absent instead of quietly running on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.gguf_info import inspect_gguf
+
+DEVICES = ("cpu", "cuda")
+
+
+def parse_devices(spec: str | list[str] | None) -> list[str]:
+    """``"cpu,cuda"`` → ``["cpu", "cuda"]``; unknown names are an error, order is kept, no repeats."""
+    items = spec if isinstance(spec, list) else (spec or "cpu").split(",")
+    devices: list[str] = []
+    for d in (x.strip().lower() for x in items):
+        if d not in DEVICES:
+            raise EdgequantError(f"--device {d!r}: use cpu, cuda or both (cpu,cuda)")
+        if d not in devices:
+            devices.append(d)
+    if not devices:
+        raise EdgequantError("--device: name at least one of cpu, cuda")
+    return devices
+
+
+def default_threads() -> int:
+    """Physical cores, as llama.cpp's tools choose by default (llama-bench, llama-perplexity)."""
+    cores = set()
+    try:
+        for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
+            siblings = cpu / "topology" / "thread_siblings_list"
+            if siblings.is_file():
+                cores.add(siblings.read_text().strip())
+    except OSError:
+        pass
+    return len(cores) or os.cpu_count() or 1
+
+
+def model_kind(path: str | Path) -> str:
+    """``gguf`` for a .gguf file, ``gptq`` for a folder with a GPTQ quantization_config, else ``hf``."""
+    p = Path(path)
+    if p.suffix == ".gguf" or p.is_file():
+        inspect_gguf(p)  # one clear line for a missing, truncated or non-GGUF file
+        return "gguf"
+    if not p.is_dir():
+        raise EdgequantError(f"{p} does not exist; pass a .gguf file or a Hugging Face model folder")
+    config = p / "config.json"
+    if not config.is_file():
+        raise EdgequantError(f"{p} has no config.json; pass a .gguf file or a Hugging Face model folder")
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    if str(quant.get("quant_method", "")).lower() == "gptq":
+        return "gptq"
+    return "hf"
+
+
+def cuda_absent_reason(kind: str) -> str | None:
+    """Why this kind of model cannot run on CUDA here, or None when it can."""
+    if kind == "gguf":
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            return "llama-cpp-python was built without GPU offload (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\", see docs/gpu.md)"
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+@dataclass
+class Loaded:
+    """What every backend tells the report about the model it loaded."""
+
+    kind: str  # gguf, hf, gptq
+    backend: str  # llama.cpp or torch
+    device: str
+    n_vocab: int
+    add_bos: bool
+    bos_id: int | None
+
+
+class LlamaCppBackend:
+    """A GGUF through llama-cpp-python, set up as llama-perplexity sets up its context."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, ctx: int = 512,
+                 flash_attn: bool = True, logits_all: bool = True, n_batch: int | None = None,
+                 n_ubatch: int | None = None):
+        import llama_cpp
+
+        self.path = str(path)
+        threads = threads or default_threads()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=self.path, n_ctx=ctx, n_batch=n_batch or ctx, n_ubatch=n_ubatch or min(ctx, 512),
+                logits_all=logits_all, flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads,
+                n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
+            )
+        except ValueError as e:
+            raise EdgequantError(f"llama.cpp cannot load {self.path} ({e}); run edgequant inspect on it") from None
+        add_bos = bool(self.llm._model.add_bos_token())
+        self.info = Loaded("gguf", "llama.cpp", device, self.llm.n_vocab(), add_bos,
+                           self.llm.token_bos() if add_bos else None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # BOS only if the vocab adds it
+
+    def logits(self, chunk: list[int], first: int) -> np.ndarray:
+        """Logits at positions ``first .. len(chunk)-2`` (those that predict a scored token)."""
+        self.llm.reset()
+        self.llm.eval(chunk)
+        return np.asarray(self.llm.scores[first:len(chunk) - 1], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class TorchBackend:
+    """An HF folder (plain or GPTQ) through transformers, in float32 on CPU for reference-grade logits."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, kind: str | None = None):
+        import torch
+
+        self.path = str(path)
+        self.torch = torch
+        self.device = torch.device(device)
+        kind = kind or model_kind(path)
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        with _quiet_transformers():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            if kind == "gptq":
+                from edgequant.quantize.gptq import load_gptq_model
+
+                self.model = load_gptq_model(self.path, device=device)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                # float32 on CPU: bf16 arithmetic would put its own rounding into a reference;
+                # on CUDA the checkpoint's dtype (what people run there).
+                dtype = torch.float32 if device == "cpu" else "auto"
+                self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+        self.model.eval()
+        bos = self.tokenizer.bos_token_id
+        probe = self.tokenizer("a", add_special_tokens=True).input_ids
+        add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+        n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.info = Loaded(kind, "torch", device, n_vocab, add_bos, bos if add_bos else None)
+
+    def tokenize(self, text: str) -> list[int]:
+        with _quiet_transformers():
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ([self.info.bos_id] if self.info.add_bos else []) + list(ids)
+
+    def logits(self, chunk: list[int], first: int) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            ids = torch.tensor([chunk], device=self.device)
+            out = self.model(input_ids=ids, use_cache=False).logits[0, first:len(chunk) - 1]
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers warns about long token sequences and load details we report ourselves."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def open_backend(path: str | Path, *, device: str, threads: int | None, ctx: int, flash_attn: bool = True):
+    """The quality-run backend for a model: llama.cpp for GGUF, torch for HF/GPTQ."""
+    kind = model_kind(path)
+    reason = cuda_absent_reason(kind) if device == "cuda" else None
+    if reason:
+        raise EdgequantError(f"{Path(path).name} on cuda: {reason}")
+    if kind == "gguf":
+        return LlamaCppBackend(path, device=device, threads=threads, ctx=ctx, flash_attn=flash_attn)
+    return TorchBackend(path, device=device, threads=threads, kind=kind)

@@ -1,0 +1,313 @@
+"""``edgequant bench``: perplexity, KL divergence and speed for GGUF files and HF/GPTQ folders in one run.
+
+The flow:
+1. Every input is checked before any work: paths, kinds (GGUF, HF, GPTQ), devices, text length.
+2. Quality (unless ``speed_only``): the text is tokenized once with the reference's tokenizer (or
+   the first model's when there is no reference); every model's own tokenizer must produce the
+   same ids, else the run stops — rows are only comparable on the same tokens. All models are
+   loaded at once and the chunks are evaluated in turn: the reference's logits for a chunk become
+   llama-perplexity's compressed log-probs, each model is scored against them, and they are
+   dropped before the next chunk.
+3. Speed (unless ``quality_only``): each model alone, on each requested device, like llama-bench.
+
+Quality runs on the CPU when it is among the devices (else on CUDA); speed on every device. A device
+a model cannot use gives a row that says why (``absent``), never CPU numbers under a GPU label.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.bench.backends import cuda_absent_reason, default_threads, model_kind, open_backend, parse_devices
+from edgequant.bench.quality import CompressedReference, QualityAccumulator
+from edgequant.bench.speed import SpeedResult, measure_speed
+from edgequant.bench.text import Text, chunk_ids, load_text
+from edgequant.errors import EdgequantError
+from edgequant.progress import progress_count
+
+SCHEMA = "edgequant.bench/1"
+
+
+@dataclass
+class ModelRow:
+    model: str
+    name: str
+    kind: str  # gguf, hf, gptq
+    type: str | None  # Q4_K_M, F16, bf16, GPTQ-4bit-64g ...
+    size_bytes: int
+    bits_per_weight: float | None
+    n_params: int | None
+    is_reference: bool = False
+    quality: dict | None = None
+    speed: list[SpeedResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["speed"] = [s.to_dict() for s in self.speed]
+        return d
+
+
+@dataclass
+class BenchReport:
+    text: dict
+    ctx: int
+    chunks: int | None
+    reference: str | None
+    devices: list[str]
+    quality_device: str | None
+    threads: int
+    flash_attn: bool
+    speed_settings: dict | None
+    rows: list[ModelRow]
+    notes: list[str]
+    host: dict
+    versions: dict
+    seconds: float
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = [r.to_dict() for r in self.rows]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class BenchOptions:
+    reference: str | Path | None = None
+    text: str | Path | Text | None = None
+    ctx: int = 512
+    chunks: int | None = None
+    devices: str | list[str] = "cpu"
+    threads: int | None = None
+    flash_attn: bool = True
+    speed: bool = True
+    quality: bool = True
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    n_batch: int = 2048
+    n_ubatch: int = 512
+
+
+def describe_model(path: str | Path, kind: str) -> ModelRow:
+    """Size, type and bits/weight of a GGUF or an HF/GPTQ folder, from headers only."""
+    p = Path(path)
+    if kind == "gguf":
+        from edgequant.gguf_info import inspect_gguf
+
+        info = inspect_gguf(p)
+        return ModelRow(str(p), p.name, kind, info.file_type, info.size_bytes, info.bits_per_weight, info.n_params)
+    from edgequant.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(p)
+    size = sum(f.stat().st_size for f in ckpt.files)
+    config = ckpt.config
+    if kind == "gptq":
+        q = config.get("quantization_config") or {}
+        bits, group = q.get("bits"), q.get("group_size")
+        n_params = 0
+        for name, ref in ckpt.tensors.items():
+            numel = int(np.prod(ref.shape)) if ref.shape else 1
+            if name.endswith(".qweight"):
+                n_params += numel * 32 // int(bits)
+            elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                n_params += numel
+        label = f"GPTQ-{bits}bit" + (f"-{group}g" if group and int(group) > 0 else "")
+    else:
+        n_params = sum(int(np.prod(r.shape)) if r.shape else 1 for r in ckpt.tensors.values())
+        label = str(ckpt.source_dtype() or config.get("torch_dtype") or config.get("dtype") or "hf").replace("torch.", "")
+    name = p.name or str(p)
+    return ModelRow(str(p), name, kind, label, size, round(8 * size / n_params, 4) if n_params else None, n_params)
+
+
+def _pick_reference(rows: list[ModelRow]) -> ModelRow | None:
+    """Without --reference: the highest-precision GGUF when it is 16 or 32 bits (F32 > BF16 > F16)."""
+    for t in ("F32", "BF16", "F16"):
+        for r in rows:
+            if r.kind == "gguf" and r.type == t:
+                return r
+    return None
+
+
+def _check_devices(devices: list[str], kinds: set[str], quality: bool) -> str | None:
+    """Fail before any work when CUDA is asked for and nothing here can use it; return the quality device."""
+    if "cuda" in devices:
+        reasons = {k: cuda_absent_reason(k) for k in sorted(kinds)}
+        if all(reasons.values()):
+            why = "; ".join(sorted(set(reasons.values())))
+            raise EdgequantError(f"--device cuda asked for, but CUDA is not available here ({why}); use --device cpu")
+    qdev = "cpu" if "cpu" in devices else "cuda"
+    if quality and qdev == "cuda":
+        blocked = sorted(k for k in kinds if cuda_absent_reason(k))
+        if blocked:
+            raise EdgequantError(
+                f"quality needs every model on one device, and {', '.join(blocked)} models cannot use CUDA here "
+                f"({cuda_absent_reason(blocked[0])}); add cpu to --device"
+            )
+    return qdev if quality else None
+
+
+def _host() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        gpu = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "physical_cores": default_threads(), "gpu": gpu,
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    """Versions of everything that can change a number in the report."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("edgequant", "llama-cpp-python", "gguf", "torch", "transformers", "gptqmodel", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _token_mismatch(name: str, ref_name: str, ids: list[int], ref_ids: list[int]) -> EdgequantError:
+    i = next((k for k, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+    return EdgequantError(
+        f"{name} tokenizes the text differently from {ref_name} (first difference at token {i}: "
+        f"{ids[i] if i < len(ids) else 'end'} vs {ref_ids[i] if i < len(ref_ids) else 'end'}); rows are only comparable "
+        f"on the same token ids: bench models with another vocabulary in a separate run"
+    )
+
+
+def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> BenchReport:
+    """Measure every model (and the reference) on the same tokens; see the module docstring."""
+    o = options or BenchOptions()
+    t_start = time.perf_counter()
+    if not models and o.reference is None:
+        raise EdgequantError("name at least one .gguf file or HF/GPTQ folder to measure")
+    if not o.speed and not o.quality:
+        raise EdgequantError("--speed-only and --quality-only together leave nothing to measure; pass one of them")
+    if o.ctx < 16 or o.ctx % 2:
+        raise EdgequantError(f"--ctx {o.ctx}: use an even context of at least 16 tokens (512 is llama-perplexity's usual)")
+    if o.speed and (o.pp < 0 or o.tg < 0 or o.pp + o.tg == 0 or o.reps < 1 or o.n_batch < 1 or o.n_ubatch < 1):
+        raise EdgequantError("speed settings: --pp and --tg must be >= 0 (not both 0), --reps, --batch-size and --ubatch-size >= 1")
+    devices = parse_devices(o.devices)
+    threads = o.threads or default_threads()
+
+    paths = list(dict.fromkeys(str(m) for m in models))
+    rows = [describe_model(p, model_kind(p)) for p in paths]
+    notes: list[str] = []
+    ref_row: ModelRow | None = None
+    if o.reference is not None:
+        ref_path = str(o.reference)
+        ref_row = next((r for r in rows if r.model == ref_path), None)
+        if ref_row is None:
+            ref_row = describe_model(ref_path, model_kind(ref_path))
+            rows.insert(0, ref_row)
+    elif o.quality:
+        ref_row = _pick_reference(rows)
+        if ref_row is not None and len(rows) > 1:
+            notes.append(f"KL divergence against {ref_row.name} (the highest-precision GGUF given); pass --reference to choose")
+    if ref_row is not None:
+        ref_row.is_reference = True
+    qdev = _check_devices(devices, {r.kind for r in rows}, o.quality)
+
+    corpus = o.text if isinstance(o.text, Text) else load_text(o.text) if o.quality else None
+    n_chunks = None
+    if o.quality:
+        n_chunks = _quality(rows, ref_row, corpus, o, qdev, threads, notes)
+    speed_settings = None
+    if o.speed:
+        speed_settings = {"pp": o.pp, "tg": o.tg, "reps": o.reps, "n_batch": o.n_batch, "n_ubatch": o.n_ubatch}
+        with progress_count("speed", len(rows) * len(devices)) as bar:
+            for r in rows:
+                for d in devices:
+                    bar.describe(f"speed {r.name} ({d})")
+                    r.speed.append(measure_speed(r.model, device=d, threads=threads, pp=o.pp, tg=o.tg, reps=o.reps,
+                                                 n_batch=o.n_batch, n_ubatch=o.n_ubatch, flash_attn=o.flash_attn))
+                    bar.advance(1)
+    text_info = None
+    if corpus is not None:
+        text_info = {"name": corpus.name, "sha256": corpus.sha256, "chars": len(corpus.text)}
+    return BenchReport(
+        text=text_info, ctx=o.ctx, chunks=n_chunks, reference=ref_row.model if ref_row else None, devices=devices,
+        quality_device=qdev, threads=threads, flash_attn=o.flash_attn, speed_settings=speed_settings, rows=rows,
+        notes=notes, host=_host(), versions=versions(), seconds=round(time.perf_counter() - t_start, 2),
+    )
+
+
+def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: BenchOptions, device: str,
+             threads: int, notes: list[str]) -> int:
+    """Load every model, check the token ids, then score chunk by chunk. Returns the chunk count."""
+    first_row = ref_row or rows[0]
+    order = [first_row] + [r for r in rows if r is not first_row]
+    backends = {}
+    try:
+        with progress_count("loading models", len(order)) as bar:
+            for r in order:
+                bar.describe(f"loading {r.name}")
+                backends[r.model] = open_backend(r.model, device=device, threads=threads, ctx=o.ctx, flash_attn=o.flash_attn)
+                bar.advance(1)
+        lead = backends[first_row.model]
+        ids = lead.tokenize(corpus.text)
+        batches = chunk_ids(ids, o.ctx, o.chunks, lead.info.bos_id, minimum=2)
+        used = len(batches) * o.ctx
+        for r in order[1:]:
+            b = backends[r.model]
+            if b.info.n_vocab != lead.info.n_vocab:
+                raise EdgequantError(
+                    f"{r.name} has a vocabulary of {b.info.n_vocab} tokens and {first_row.name} of {lead.info.n_vocab}; "
+                    f"rows are only comparable on one vocabulary: bench them in separate runs"
+                )
+            own = b.tokenize(corpus.text)
+            if own[:used] != ids[:used] or b.info.add_bos != lead.info.add_bos:
+                raise _token_mismatch(r.name, first_row.name, own[:used], ids[:used])
+        first = o.ctx // 2
+        accs = {r.model: QualityAccumulator(with_kld=ref_row is not None) for r in order}
+        seconds = {r.model: 0.0 for r in order}
+        with progress_count("perplexity/KLD chunks", len(batches)) as bar:
+            for chunk in batches:
+                nxt = np.asarray(chunk[first + 1:], dtype=np.int64)
+                ref = None
+                for r in order:
+                    t = time.perf_counter()
+                    logits = backends[r.model].logits(chunk, first)
+                    if r is ref_row:
+                        ref = CompressedReference.from_logits(logits)
+                    accs[r.model].add(logits, nxt, ref)
+                    seconds[r.model] += time.perf_counter() - t
+                bar.advance(1)
+    finally:
+        for b in backends.values():
+            b.close()
+    for r in order:
+        acc = accs[r.model]
+        ppl, err = acc.ppl()
+        r.quality = {"device": device, "ppl": ppl, "ppl_error": err, "running_ppl": acc.running_ppl,
+                     "chunks": len(batches), "scored_tokens": acc.count, "seconds": round(seconds[r.model], 2)}
+        kld = acc.kld()
+        if kld is not None:
+            r.quality.update(kld)
+    return len(batches)

@@ -1,0 +1,245 @@
+"""Tokens per second like ``llama-bench``: pp (prompt processing) and tg (text generation).
+
+For a GGUF, exactly llama-bench's procedure through llama.cpp's C API: a fresh context, one warm-up
+run of each test, then ``reps`` runs each from an empty KV cache; pp decodes ``pp`` random tokens
+(BOS first when the model adds BOS) in batches of ``n_batch``, tg decodes ``tg`` tokens one at a
+time. t/s = tokens / seconds of each run; the result is the mean and the sample standard deviation
+over the runs (llama-bench's ``avg_ts`` and ``stddev_ts``).
+
+For an HF or GPTQ folder the same two tests through torch: one forward pass over ``pp`` tokens
+(only the last position's logits computed, as llama.cpp outputs one) and ``tg`` single-token steps
+with the KV cache.
+
+Load time, peak resident memory added by the model (sampled every 10 ms from load to the end of the
+last run) and, on CUDA, the peak device memory used are reported beside the rates.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgequant.bench.backends import cuda_absent_reason, default_threads, model_kind
+
+
+@dataclass
+class SpeedResult:
+    device: str
+    backend: str | None = None
+    threads: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    pp_tps: float | None = None
+    pp_std: float | None = None
+    tg_tps: float | None = None
+    tg_std: float | None = None
+    load_seconds: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_vram_bytes: int | None = None
+    absent: str | None = None  # why this device could not be measured; every number is then None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vram_used() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return total - free
+    except Exception:  # noqa: BLE001 - no CUDA runtime: not measured
+        return None
+    return None
+
+
+class _PeakSampler:
+    """Peak RSS (and device memory) above the level when it started, sampled in a thread."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.base_rss = _rss_bytes()
+        self.base_vram = _vram_used() if cuda else None
+        self.peak_rss = self.base_rss
+        self.peak_vram = self.base_vram
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, _rss_bytes())
+        if self.cuda and self.base_vram is not None:
+            v = _vram_used()
+            if v is not None:
+                self.peak_vram = max(self.peak_vram, v)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._sample()
+
+    def __enter__(self) -> "_PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def rss(self) -> int:
+        return self.peak_rss - self.base_rss
+
+    def vram(self) -> int | None:
+        return None if self.peak_vram is None or self.base_vram is None else self.peak_vram - self.base_vram
+
+
+def _mean_std(tokens: int, seconds: list[float]) -> tuple[float, float]:
+    rates = [tokens / s for s in seconds]
+    return statistics.fmean(rates), (statistics.stdev(rates) if len(rates) > 1 else 0.0)
+
+
+def measure_speed(path: str | Path, *, device: str = "cpu", threads: int | None = None, pp: int = 512,
+                  tg: int = 128, reps: int = 5, n_batch: int = 2048, n_ubatch: int = 512,
+                  flash_attn: bool = True, seed: int = 0) -> SpeedResult:
+    """pp/tg tokens per second of one model on one device (an ``absent`` result when it cannot run there)."""
+    kind = model_kind(path)
+    threads = threads or default_threads()
+    result = SpeedResult(device=device, pp=pp, tg=tg, reps=reps, threads=threads)
+    if device == "cuda":
+        reason = cuda_absent_reason(kind)
+        if reason:
+            result.absent = reason
+            return result
+    if kind == "gguf":
+        return _llama_cpp_speed(path, result, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, seed=seed)
+    return _torch_speed(path, kind, result, seed=seed)
+
+
+def _llama_cpp_speed(path, result: SpeedResult, *, n_batch: int, n_ubatch: int, flash_attn: bool, seed: int) -> SpeedResult:
+    import llama_cpp
+
+    from edgequant.bench.backends import LlamaCppBackend
+
+    rng = random.Random(seed)
+    result.backend, result.n_batch, result.n_ubatch = "llama.cpp", n_batch, n_ubatch
+    with _PeakSampler(result.device == "cuda") as mem:
+        t0 = time.perf_counter()
+        b = LlamaCppBackend(path, device=result.device, threads=result.threads, ctx=result.pp + result.tg,
+                            flash_attn=flash_attn, logits_all=False, n_batch=n_batch, n_ubatch=n_ubatch)
+        result.load_seconds = round(time.perf_counter() - t0, 3)
+        try:
+            ctx = b.llm.ctx
+            n_vocab = b.info.n_vocab
+            memory = llama_cpp.llama_get_memory(ctx)
+            llama_cpp.llama_set_n_threads(ctx, result.threads, result.threads)
+
+            def decode(tokens: list[int]) -> None:
+                arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+                if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) != 0:
+                    raise RuntimeError("llama_decode failed during the speed test")
+
+            def prompt() -> None:
+                done = 0
+                while done < result.pp:
+                    n = min(result.pp - done, n_batch)
+                    toks = [rng.randrange(n_vocab) for _ in range(n)]
+                    if done == 0 and b.info.add_bos:
+                        toks[0] = b.info.bos_id
+                    decode(toks)
+                    done += n
+                llama_cpp.llama_synchronize(ctx)
+
+            def generate(n: int) -> None:
+                tok = b.info.bos_id if b.info.add_bos else rng.randrange(n_vocab)
+                for _ in range(n):
+                    decode([tok])
+                    llama_cpp.llama_synchronize(ctx)
+                    tok = rng.randrange(n_vocab)
+
+            def timed(fn, *args) -> float:
+                llama_cpp.llama_memory_clear(memory, False)
+                t = time.perf_counter()
+                fn(*args)
+                return time.perf_counter() - t
+
+            if result.pp:
+                timed(prompt)  # warm-up, as llama-bench
+                result.pp_tps, result.pp_std = _mean_std(result.pp, [timed(prompt) for _ in range(result.reps)])
+            if result.tg:
+                timed(generate, 1)  # llama-bench warms generation up with one token
+                result.tg_tps, result.tg_std = _mean_std(result.tg, [timed(generate, result.tg) for _ in range(result.reps)])
+        finally:
+            b.close()
+    result.peak_rss_bytes, result.peak_vram_bytes = mem.rss(), mem.vram()
+    return result
+
+
+def _torch_speed(path, kind: str, result: SpeedResult, *, seed: int) -> SpeedResult:
+    import torch
+
+    from edgequant.bench.backends import TorchBackend
+
+    gen = torch.Generator().manual_seed(seed)
+    result.backend = "torch"
+    cuda = result.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    with _PeakSampler(cuda) as mem:
+        t0 = time.perf_counter()
+        b = TorchBackend(path, device=result.device, threads=result.threads, kind=kind)
+        result.load_seconds = round(time.perf_counter() - t0, 3)
+        model, dev, n_vocab = b.model, b.device, b.info.n_vocab
+        try:
+            def prompt() -> float:
+                ids = torch.randint(n_vocab, (1, result.pp), generator=gen)
+                if b.info.add_bos:
+                    ids[0, 0] = b.info.bos_id
+                ids = ids.to(dev)
+                sync()
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                sync()
+                return time.perf_counter() - t
+
+            def generate(n: int) -> float:
+                tok = torch.tensor([[b.info.bos_id if b.info.add_bos else 0]], device=dev)
+                nxt = torch.randint(n_vocab, (n,), generator=gen).tolist()
+                past = None
+                sync()
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    for i in range(n):
+                        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                        past = out.past_key_values
+                        sync()
+                        tok = torch.tensor([[nxt[i]]], device=dev)
+                return time.perf_counter() - t
+
+            if result.pp:
+                prompt()
+                result.pp_tps, result.pp_std = _mean_std(result.pp, [prompt() for _ in range(result.reps)])
+            if result.tg:
+                generate(1)
+                result.tg_tps, result.tg_std = _mean_std(result.tg, [generate(result.tg) for _ in range(result.reps)])
+        finally:
+            b.close()
+    result.peak_rss_bytes, result.peak_vram_bytes = mem.rss(), mem.vram()
+    return result
+
