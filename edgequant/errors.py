@@ -7,3 +7,10 @@ class EdgequantError(Exception):
     The CLI prints it as one line and exits with a non-zero status. Anything
     else that escapes is a bug and keeps its traceback.
     """
+
+
+class GateFailed(EdgequantError):
+    """A release gate failed (template mismatch, or a quality threshold): exit status 3, not 2,
+    so that CI can tell "the inputs were wrong" from "the result is not good enough"."""
+
+    exit_code = 3

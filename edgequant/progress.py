@@ -59,3 +59,25 @@ def progress_count(description: str, total: int):
     """A bar counting items (tensors, chunks, layers)."""
     return _bar(description, total, (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn()))
+
+
+def quiet_libraries() -> None:
+    """Silence what transformers, torch and torchao print on their own (weight-loading bars, kernel
+    warnings): progress is ours, and --json output must stay clean. EDGEQUANT_VERBOSE=1 keeps it."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("EDGEQUANT_VERBOSE"):
+        return
+    for name in ("torchao", "torch.utils._pytree", "transformers", "accelerate", "gptqmodel", "tokenicer", "defuser"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

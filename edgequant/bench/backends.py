@@ -139,6 +139,9 @@ class TorchBackend:
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, kind: str | None = None):
         import torch
 
+        from edgequant.progress import quiet_libraries
+
+        quiet_libraries()
         self.path = str(path)
         self.torch = torch
         self.device = torch.device(device)

@@ -135,54 +135,61 @@ def _llama_cpp_speed(path, result: SpeedResult, *, n_batch: int, n_ubatch: int, 
 
     rng = random.Random(seed)
     result.backend, result.n_batch, result.n_ubatch = "llama.cpp", n_batch, n_ubatch
+
+    def context(n_ctx: int):
+        return LlamaCppBackend(path, device=result.device, threads=result.threads, ctx=n_ctx, flash_attn=flash_attn,
+                               logits_all=False, n_batch=n_batch, n_ubatch=n_ubatch)
+
+    def decode(b, tokens: list[int]) -> None:
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+        if llama_cpp.llama_decode(b.llm.ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) != 0:
+            raise RuntimeError("llama_decode failed during the speed test")
+
+    def prompt(b) -> None:
+        done = 0
+        while done < result.pp:
+            n = min(result.pp - done, n_batch)
+            toks = [rng.randrange(b.info.n_vocab) for _ in range(n)]
+            if done == 0 and b.info.add_bos:
+                toks[0] = b.info.bos_id
+            decode(b, toks)
+            done += n
+        llama_cpp.llama_synchronize(b.llm.ctx)
+
+    def generate(b, n: int) -> None:
+        tok = b.info.bos_id if b.info.add_bos else rng.randrange(b.info.n_vocab)
+        for _ in range(n):
+            decode(b, [tok])
+            llama_cpp.llama_synchronize(b.llm.ctx)
+            tok = rng.randrange(b.info.n_vocab)
+
+    def timed(b, fn, *args) -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(b.llm.ctx), False)
+        t = time.perf_counter()
+        fn(b, *args)
+        return time.perf_counter() - t
+
+    # Like llama-bench, each test gets its own context sized for it (n_ctx = pp, or tg), a warm-up,
+    # then the timed repetitions from an empty KV cache.
     with _PeakSampler(result.device == "cuda") as mem:
-        t0 = time.perf_counter()
-        b = LlamaCppBackend(path, device=result.device, threads=result.threads, ctx=result.pp + result.tg,
-                            flash_attn=flash_attn, logits_all=False, n_batch=n_batch, n_ubatch=n_ubatch)
-        result.load_seconds = round(time.perf_counter() - t0, 3)
-        try:
-            ctx = b.llm.ctx
-            n_vocab = b.info.n_vocab
-            memory = llama_cpp.llama_get_memory(ctx)
-            llama_cpp.llama_set_n_threads(ctx, result.threads, result.threads)
-
-            def decode(tokens: list[int]) -> None:
-                arr = (llama_cpp.llama_token * len(tokens))(*tokens)
-                if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) != 0:
-                    raise RuntimeError("llama_decode failed during the speed test")
-
-            def prompt() -> None:
-                done = 0
-                while done < result.pp:
-                    n = min(result.pp - done, n_batch)
-                    toks = [rng.randrange(n_vocab) for _ in range(n)]
-                    if done == 0 and b.info.add_bos:
-                        toks[0] = b.info.bos_id
-                    decode(toks)
-                    done += n
-                llama_cpp.llama_synchronize(ctx)
-
-            def generate(n: int) -> None:
-                tok = b.info.bos_id if b.info.add_bos else rng.randrange(n_vocab)
-                for _ in range(n):
-                    decode([tok])
-                    llama_cpp.llama_synchronize(ctx)
-                    tok = rng.randrange(n_vocab)
-
-            def timed(fn, *args) -> float:
-                llama_cpp.llama_memory_clear(memory, False)
-                t = time.perf_counter()
-                fn(*args)
-                return time.perf_counter() - t
-
-            if result.pp:
-                timed(prompt)  # warm-up, as llama-bench
-                result.pp_tps, result.pp_std = _mean_std(result.pp, [timed(prompt) for _ in range(result.reps)])
-            if result.tg:
-                timed(generate, 1)  # llama-bench warms generation up with one token
-                result.tg_tps, result.tg_std = _mean_std(result.tg, [timed(generate, result.tg) for _ in range(result.reps)])
-        finally:
-            b.close()
+        for test in ("pp", "tg"):
+            n = result.pp if test == "pp" else result.tg
+            if not n:
+                continue
+            t0 = time.perf_counter()
+            b = context(n)
+            if result.load_seconds is None:
+                result.load_seconds = round(time.perf_counter() - t0, 3)
+            try:
+                llama_cpp.llama_set_n_threads(b.llm.ctx, result.threads, result.threads)
+                if test == "pp":
+                    timed(b, prompt)
+                    result.pp_tps, result.pp_std = _mean_std(n, [timed(b, prompt) for _ in range(result.reps)])
+                else:
+                    timed(b, generate, 1)  # llama-bench warms generation up with one token
+                    result.tg_tps, result.tg_std = _mean_std(n, [timed(b, generate, n) for _ in range(result.reps)])
+            finally:
+                b.close()
     result.peak_rss_bytes, result.peak_vram_bytes = mem.rss(), mem.vram()
     return result
 

@@ -34,8 +34,11 @@ def builtin_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def load_text(source: str | Path | None = None) -> Text:
-    """``None``/``pydoc``: the built-in corpus; ``wikitext-2``: the dataset (online); else a file path."""
+def load_text(source: str | Path | Text | None = None) -> Text:
+    """``None``/``pydoc``: the built-in corpus; ``wikitext-2``: the dataset (online); else a file path
+    (a ``Text`` already loaded is returned as it is)."""
+    if isinstance(source, Text):
+        return source
     key = None if source is None else str(source)
     if key in BUILTIN_ALIASES:
         import platform

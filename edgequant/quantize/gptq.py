@@ -210,10 +210,26 @@ class GPTQModelBackend:
 
             model.layer_callback = layer_complete
             data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
-            log = model.quantize(data, batch_size=spec.batch_size, calibration_data_min_length=1)
+            with _gptqmodel_logs_in(workdir.with_name(workdir.name.removesuffix(".part") + ".logs.part")):
+                log = model.quantize(data, batch_size=spec.batch_size, calibration_data_min_length=1)
             model.save(str(workdir))
         (workdir / "quant_log.csv").unlink(missing_ok=True)  # the per-layer report is in our result
         return _layer_errors(log)
+
+
+@contextlib.contextmanager
+def _gptqmodel_logs_in(folder: Path) -> Iterator[None]:
+    """GPTQModel writes per-run log files into ``./logs`` of the working folder; keep them out of the
+    user's folder (in a temporary sibling of the output, removed afterwards)."""
+    from gptqmodel.looper import loop_processor
+
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _layer_errors(log) -> list[LayerError]:

@@ -50,7 +50,8 @@ from edgequant.quantize import types as qtypes
 # -- the schema: tables and their keys (the validator's and the docs' list) -------------------------
 
 TABLES: dict[str, tuple[str, ...]] = {
-    "release": ("source", "output", "name", "base_type", "keep_base", "split_max_size", "gguf", "devices", "template_gate"),
+    "release": ("source", "output", "name", "base_type", "keep_base", "split_max_size", "gguf", "devices", "template_gate",
+                "chat_template"),
     "gguf": ("type", "imatrix", "name", "output_tensor_type", "token_embedding_type", "tensor_types", "pure", "leave_output_tensor"),
     "gptq": ("bits", "group_size", "desc_act", "sym", "damp_percent", "samples", "seq_len", "seed", "name"),
     "imatrix": ("text", "ctx", "chunks", "device", "default"),
@@ -256,7 +257,8 @@ class Recipe:
     gguf: tuple[GGUFVariant, ...] = tuple(GGUFVariant(t) for t in DEFAULT_GGUF)
     gptq: tuple[GPTQVariant, ...] = ()
     devices: tuple[str, ...] = ("cpu",)
-    template_gate: bool = False
+    template_gate: bool = True
+    chat_template: str | None = None  # embed this template file instead of the source's (convert --chat-template)
     imatrix: ImatrixSettings = ImatrixSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     bench: BenchSettings = BenchSettings()
@@ -331,7 +333,7 @@ class Recipe:
             "release": {"source": self.source, "output": self.output, "name": self.name, "base_type": self.base_type,
                         "keep_base": self.keep_base, "split_max_size": self.split_max_size,
                         "gguf": [v.to_dict() for v in self.gguf], "devices": list(self.devices),
-                        "template_gate": self.template_gate},
+                        "template_gate": self.template_gate, "chat_template": self.chat_template},
             "imatrix": self.imatrix.to_dict(),
             "calibration": self.calibration.to_dict(),
             "bench": self.bench.to_dict(),
@@ -855,7 +857,12 @@ def _build(raw: dict, *, base_dir: str, text: str | None, file: str | None, flag
         if out_path.exists() and not out_path.is_dir():
             rel.err("output", f"output {output!r} is an existing file; name a folder", value=output)
     keep_base = rel.bool("keep_base", True)
-    template_gate = rel.bool("template_gate", False)
+    template_gate = rel.bool("template_gate", True)
+    chat_template = rel.str("chat_template", None)
+    if chat_template is not None and not (Path(chat_template).expanduser() if Path(chat_template).expanduser().is_absolute()
+                                          else base / chat_template).is_file():
+        rel.err("chat_template", f"chat_template {chat_template!r}: no such file (a .jinja, or a .json with chat_template)",
+                value=chat_template)
     split = _size(rel, rel.data.get("split_max_size"))
     devices = rel.str_list("devices", ("cpu",))
     devices = tuple(d.lower() for d in devices)
@@ -943,7 +950,7 @@ def _build(raw: dict, *, base_dir: str, text: str | None, file: str | None, flag
     return Recipe(
         source=source or "", name=name or "", output=output or "", base_type=base_type, keep_base=keep_base,
         split_max_size=split, gguf=tuple(gguf_variants), gptq=tuple(gptq_variants), devices=devices,
-        template_gate=template_gate, imatrix=imatrix, calibration=calibration, bench=bench, gates=tuple(gates), card=card,
+        template_gate=template_gate, chat_template=chat_template, imatrix=imatrix, calibration=calibration, bench=bench, gates=tuple(gates), card=card,
         base_dir=base_dir, _origin=_Origin(raw=raw, text=text, file=file, flags=dict(flags or {})))
 
 

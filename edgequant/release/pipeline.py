@@ -1,0 +1,572 @@
+"""``edgequant release``: one recipe in, every publishable artifact out, resumable and auditable.
+
+Stages, each content-addressed (``state.py``): the 16-bit base GGUF, the importance matrix, one
+stage per GGUF type and per GPTQ variant, then one bench row per model. The template gate runs on
+every GGUF as soon as it exists (a mismatch stops the release with the diff); quality gates run on
+the bench numbers. Then the folder gets ``bench.json``/``bench.md``/``quality.png``, the model card
+(``README.md``), the Ollama ``Modelfile`` and ``manifest.json`` (sha256 of every artifact).
+
+Exit codes through the CLI: 0 done, 2 bad input (before any work), 3 a quality gate failed (every
+artifact and the manifest are still written, with the gate results), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from edgequant import __version__
+from edgequant.atomic import atomic_outputs, check_output_folder
+from edgequant.errors import EdgequantError, GateFailed
+from edgequant.release.recipe import Recipe
+from edgequant.release.state import STATE_DIR, Stages, combined_sha256, stage_key
+
+MANIFEST_SCHEMA = "edgequant.manifest/1"
+# llama.cpp commit vendored by each llama-cpp-python release (from its CHANGELOG)
+LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098"}
+
+
+@dataclass
+class ReleaseResult:
+    folder: str
+    status: str  # ok, gates failed
+    made: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    gates: list[dict] = field(default_factory=list)
+    card: str = ""
+    manifest: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Log = Callable[[str], None]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def tool_versions() -> dict:
+    from edgequant.bench.run import versions
+    import platform
+
+    v = versions()
+    lcp = v.get("llama-cpp-python")
+    return {"edgequant": __version__, "llama_cpp_python": lcp, "llama_cpp_commit": LLAMA_CPP_COMMITS.get(lcp or ""),
+            "gguf": v.get("gguf"), "torch": v.get("torch"), "transformers": v.get("transformers"),
+            "gptqmodel": v.get("gptqmodel"), "numpy": v.get("numpy"), "python": platform.python_version()}
+
+
+class _Run:
+    """One release run: the recipe, the state record, the log and the stage timings."""
+
+    def __init__(self, recipe: Recipe, stages: Stages, log: Log):
+        self.r = recipe
+        self.out = stages.root
+        self.st = stages
+        self.log = log
+        self.made: list[str] = []
+        self.skipped: list[str] = []
+        self.timings: dict[str, dict] = {}
+
+    def stage(self, artifact: str, group: str, key: str, make: Callable[[], tuple[list[Path], dict]]) -> dict:
+        """Skip when fresh, else remove the old files, make, hash and record."""
+        rec = self.st.fresh(artifact, key)
+        if rec is not None:
+            self.skipped.append(artifact)
+            self.log(f"[dim]unchanged[/] {artifact}")
+            self._time(group, rec["result"].get("stage_seconds", 0.0), skipped=True)
+            return rec
+        self.st.forget(artifact)
+        self.log(f"[bold]making[/] {artifact}")
+        t0 = time.perf_counter()
+        paths, result = make()
+        result["stage_seconds"] = round(time.perf_counter() - t0, 2)
+        result["made_at"] = _now()
+        rec = self.st.record(artifact, key, paths, result)
+        self.made.append(artifact)
+        self._time(group, result["stage_seconds"], skipped=False)
+        return rec
+
+    def _time(self, group: str, seconds: float, *, skipped: bool) -> None:
+        t = self.timings.setdefault(group, {"seconds": 0.0, "skipped": True})
+        t["seconds"] = round(t["seconds"] + seconds, 2)
+        t["skipped"] = t["skipped"] and skipped
+
+
+def release(recipe: Recipe, *, log: Log | None = None, command: str | None = None) -> ReleaseResult:
+    """Run ``recipe`` (validated already by ``load_recipe``/``recipe_from_options``) into its output folder."""
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    out = recipe.output_dir
+    check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Stages(out).locked() as stages:
+        run = _Run(recipe, stages, log)
+        return _release(run, recipe, command, t0)
+
+
+def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseResult:
+    from edgequant.progress import quiet_libraries
+
+    quiet_libraries()
+    from transformers import AutoTokenizer
+
+    from edgequant.bench.text import load_text
+    from edgequant.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(r.source_ref)
+    fingerprint = ckpt.fingerprint()
+    out = run.out
+    versions = tool_versions()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+    cal_text = load_text(r.text_source("calibration")) if r.gptq else None
+    im_text = load_text(r.text_source("imatrix")) if r.needs_imatrix else None
+    bench_text = load_text(r.text_source("bench"))
+
+    # -- the 16-bit base GGUF ---------------------------------------------------------------------
+    base_t = r.base_type.upper()
+    if base_t == "AUTO":
+        import torch
+
+        base_t = "BF16" if ckpt.source_dtype() == torch.bfloat16 else "F16"
+    base_dir = out if r.keep_base else out / STATE_DIR / "work"
+    base_path = base_dir / f"{r.name}-{base_t}.gguf"
+    template_file = r.resolve(r.chat_template) if r.chat_template else None
+    base_key = stage_key("base", fingerprint, base_t, r.split_max_size, r.name, r.keep_base,
+                         template_file.read_text() if template_file else None, versions["edgequant"])
+
+    def make_base():
+        from edgequant.export.convert import convert
+
+        res = convert(ckpt.path, base_path, outtype=base_t.lower(), chat_template=template_file,
+                      split_max_size=r.split_max_size, model_name=r.name, force=True)
+        return [Path(f) for f in res.files], {"type": base_t, "files": [Path(f).name for f in res.files],
+                                               "fallbacks": len(res.fallbacks), "notes": res.notes,
+                                               "size_bytes": res.size_bytes, "bits_per_weight": res.bits_per_weight}
+
+    base = run.stage("base", "convert", base_key, make_base)
+    base_files = [out / p for p in base["paths"]]
+    template_checks = {}
+    if r.template_gate:
+        from edgequant.release.template_gate import check_template
+
+        template_checks[base_files[0].name] = check_template(base_files[0], tokenizer)
+
+    # -- importance matrix --------------------------------------------------------------------------
+    im_path, im_key = out / "imatrix.gguf", None
+    if r.needs_imatrix:
+        im_key = stage_key("imatrix", fingerprint, im_text.sha256, r.imatrix.ctx, r.imatrix.chunks, versions["edgequant"])
+
+        def make_imatrix():
+            from edgequant.quantize.imatrix import compute_imatrix
+
+            res = compute_imatrix(ckpt.path, im_path, text=im_text, ctx=r.imatrix.ctx, chunks=r.imatrix.chunks,
+                                  device=r.imatrix_device, force=True)
+            return [im_path], {"text": res.dataset, "ctx": res.chunk_size, "chunks": res.chunks, "entries": res.entries}
+
+        run.stage("imatrix", "imatrix", im_key, make_imatrix)
+
+    # -- GGUF types -----------------------------------------------------------------------------------
+    gguf_keys: dict[str, str] = {}
+    for v in r.gguf:
+        key = stage_key("gguf", v.to_dict(), base_key, im_key if v.imatrix else None, versions["llama_cpp_python"])
+        gguf_keys[v.artifact] = key
+        target = out / f"{r.name}-{v.artifact}.gguf"
+
+        def make_quant(v=v, target=target):
+            from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
+
+            split = len(base_files) > 1
+            opts = QuantizeOptions(imatrix=im_path if v.imatrix else None, output_tensor_type=v.output_tensor_type,
+                                   token_embedding_type=v.token_embedding_type, tensor_types=list(v.tensor_types),
+                                   pure=v.pure, leave_output_tensor=v.leave_output_tensor, keep_split=split, force=True)
+            dest = out / STATE_DIR / f"split-{v.artifact}" if split else target
+            (res,) = quantize(base_files[0], [v.type], dest, opts)
+            files = [Path(f) for f in res.files]
+            if split:  # shards named after the artifact, in the release folder
+                n = len(files)
+                moved = []
+                for i, f in enumerate(sorted(files), 1):
+                    final = out / f"{r.name}-{v.artifact}-{i:05d}-of-{n:05d}.gguf"
+                    os.replace(f, final)
+                    moved.append(final)
+                shutil.rmtree(dest, ignore_errors=True)
+                files = moved
+            return files, {"type": v.type, "files": [f.name for f in files], "fallbacks": [str(x) for x in res.fallbacks],
+                           "type_counts": res.type_counts, "size_bytes": res.size_bytes,
+                           "bits_per_weight": res.bits_per_weight, "imatrix": v.imatrix}
+
+        rec = run.stage(v.artifact, "quantize", key, make_quant)
+        if r.template_gate:
+            first = out / rec["paths"][0]
+            template_checks[first.name] = check_template(first, tokenizer)
+
+    # -- GPTQ -------------------------------------------------------------------------------------------
+    gptq_keys: dict[str, str] = {}
+    for v in r.gptq:
+        key = stage_key("gptq", v.to_dict(), fingerprint, cal_text.sha256, versions["gptqmodel"], versions["edgequant"])
+        gptq_keys[v.artifact] = key
+        target = out / f"{r.name}-{v.artifact}"
+
+        def make_gptq(v=v, target=target):
+            from edgequant.quantize.gptq import GPTQOptions, gptq
+
+            staging = out / STATE_DIR / "gptq"
+            shutil.rmtree(staging, ignore_errors=True)
+            opts = GPTQOptions(group_size=v.group_size, desc_act=v.desc_act, sym=v.sym, damp_percent=v.damp_percent,
+                               calibration=r.text_source("calibration"), samples=v.samples, seq_len=v.seq_len,
+                               seed=v.seed, device="cuda" if "cuda" in r.devices else "cpu", force=True)
+            (res,) = gptq(ckpt.path, [v.bits], staging, opts)
+            os.replace(res.folder, target)
+            shutil.rmtree(staging, ignore_errors=True)
+            return [target], {"bits": res.bits, "group_size": res.group_size, "size_bytes": res.size_bytes,
+                              "bits_per_weight": res.bits_per_weight, "samples": res.samples, "seq_len": res.seq_len,
+                              "calibration": res.calibration, "max_loss": res.max_loss, "notes": res.notes,
+                              "desc_act": res.desc_act, "sym": res.sym}
+
+        run.stage(v.artifact, "gptq", key, make_gptq)
+
+    # -- bench ------------------------------------------------------------------------------------------
+    rows, bench_meta = _bench(run, r, base_files[0], base_key, gguf_keys, gptq_keys, bench_text, versions)
+
+    # -- gates, outputs ---------------------------------------------------------------------------------
+    manifest = _manifest(run, r, ckpt, fingerprint, versions, rows, bench_meta, tokenizer, template_checks, command)
+    gate_results = _gates(r, manifest)
+    manifest["gates"] = gate_results
+    failed = [g for g in gate_results if not g["passed"]]
+    manifest["status"] = "gates failed" if failed else "ok"
+    _write_outputs(out, manifest, rows, bench_meta)
+    result = ReleaseResult(folder=str(out), status=manifest["status"], made=run.made, skipped=run.skipped,
+                           gates=gate_results, card=str(out / "README.md"), manifest=str(out / "manifest.json"),
+                           seconds=round(time.perf_counter() - t0, 2))
+    if failed:
+        lines = "; ".join(f"{g['gate']}: {g['artifact']} measured {g['value']}" for g in failed)
+        raise GateFailed(f"quality gate failed ({lines}); artifacts and manifest.json are in {out} with status 'gates failed'")
+    return result
+
+
+def _bench(run: _Run, r: Recipe, base_file: Path, base_key: str, gguf_keys: dict, gptq_keys: dict, text, versions) -> tuple[dict, dict]:
+    """One bench row per model, remade only for models (or settings) that changed."""
+    from edgequant.bench.run import BenchOptions, run_bench
+
+    out = run.out
+    b = r.bench
+    settings = {**b.to_dict(), "devices": list(r.devices), "text_sha256": text.sha256}
+    models = {"base": (base_file, base_key)}
+    for art, key in gguf_keys.items():
+        models[art] = (out / run.st.data["artifacts"][art]["paths"][0], key)
+    for art, key in gptq_keys.items():
+        models[art] = (out / run.st.data["artifacts"][art]["paths"][0], key)
+    keys = {art: stage_key("bench", key, base_key, settings, versions["edgequant"]) for art, (_, key) in models.items()}
+    rows = {art: run.st.bench_row(art, keys[art]) for art in models}
+    stale = [art for art, row in rows.items() if row is None]
+    meta = run.st.data.get("bench_meta") or {}
+    if stale:
+        paths = [str(models[a][0]) for a in stale if a != "base"]
+        run.log(f"[bold]benchmarking[/] {', '.join(stale)}")
+        t0 = time.perf_counter()
+        rep = run_bench(paths, BenchOptions(
+            reference=str(base_file), text=text, ctx=b.ctx, chunks=b.chunks, devices=list(r.devices), threads=b.threads,
+            flash_attn=b.flash_attn, speed=b.speed, quality=True, pp=b.pp_tokens, tg=b.tg_tokens, reps=b.repetitions))
+        by_path = {row.model: row.to_dict() for row in rep.rows}
+        for art in models:
+            row = by_path.get(str(models[art][0]))
+            if row is not None:
+                row["model"] = str(Path(row["model"]).relative_to(out)) if Path(row["model"]).is_relative_to(out) else row["name"]
+                rows[art] = row
+                run.st.record_bench(art, keys[art], row)
+        seconds = round(time.perf_counter() - t0, 2)
+        meta = {"text": rep.text, "ctx": rep.ctx, "chunks": rep.chunks, "devices": rep.devices, "threads": rep.threads,
+                "flash_attn": rep.flash_attn, "speed_settings": rep.speed_settings, "host": rep.host, "notes": rep.notes,
+                "seconds": seconds}
+        run.st.data["bench_meta"] = meta
+        run.st.save()
+        run._time("bench", seconds, skipped=False)
+        run.made.append("bench")
+    else:
+        run._time("bench", meta.get("seconds", 0.0), skipped=True)
+        run.skipped.append("bench")
+    return rows, meta
+
+
+_KLD_KEYS = ("kld_mean", "kld_p99", "kld_max", "delta_p_mean", "delta_p_rms", "same_top", "ln_ppl_ratio", "ppl_ratio")
+
+
+def _metrics(row: dict | None, *, reference: bool = False) -> dict | None:
+    """A bench row as manifest metrics; the reference's KLD columns are left empty (it is what the others are compared with)."""
+    if not row:
+        return None
+    q = row.get("quality") or {}
+    m = {k: q.get(k) for k in ("ppl", "ppl_error", *_KLD_KEYS)}
+    if reference:
+        m.update({k: None for k in _KLD_KEYS})
+    speed = {}
+    for s in row.get("speed") or []:
+        if s.get("absent"):
+            speed[s["device"]] = {"absent": s["absent"]}
+        else:
+            speed[s["device"]] = {k: s.get(k) for k in ("pp_tps", "pp_std", "tg_tps", "tg_std", "load_seconds",
+                                                          "peak_rss_bytes", "peak_vram_bytes", "threads", "pp", "tg")}
+    m["speed"] = speed
+    return m
+
+
+def _artifact_entry(run: _Run, art: str, kind: str, extra: dict) -> dict:
+    rec = run.st.data["artifacts"][art]
+    files = {rel: meta["sha256"] for rel, meta in rec["files"].items()}
+    size = sum(meta["size"] for meta in rec["files"].values())
+    paths = rec["paths"]
+    sha = files[paths[0]] if len(files) == 1 else combined_sha256(files)
+    entry = {"path": paths[0], "files": sorted(files), "kind": kind, "sha256": sha, "size_bytes": size}
+    if len(files) > 1:
+        entry["file_sha256"] = files
+    entry.update(extra)
+    return entry
+
+
+def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows: dict, bench_meta: dict,
+              tokenizer, template_checks: dict, command: str | None) -> dict:
+    from edgequant.bench.run import _host
+    from edgequant.release.template_gate import example_prompt
+
+    recs = run.st.data["artifacts"]
+    artifacts = []
+    if r.keep_base:
+        res = recs["base"]["result"]
+        artifacts.append(_artifact_entry(run, "base", "gguf", {
+            "type": res["type"], "bits_per_weight": res["bits_per_weight"], "imatrix": False,
+            "fallbacks": res["fallbacks"], "options": {"outtype": res["type"].lower()},
+            "metrics": _metrics(rows.get("base"), reference=True)}))
+    if "imatrix" in recs and r.needs_imatrix:
+        res = recs["imatrix"]["result"]
+        artifacts.append(_artifact_entry(run, "imatrix", "imatrix", {"type": "imatrix", "text": res["text"], "ctx": res["ctx"],
+                                                                     "chunks": res["chunks"]}))
+    for v in r.gguf:
+        res = recs[v.artifact]["result"]
+        artifacts.append(_artifact_entry(run, v.artifact, "gguf", {
+            "type": v.artifact, "quant_type": v.type, "bits_per_weight": res["bits_per_weight"], "imatrix": v.imatrix,
+            "fallbacks": res["fallbacks"], "options": v.to_dict(), "metrics": _metrics(rows.get(v.artifact))}))
+    for v in r.gptq:
+        res = recs[v.artifact]["result"]
+        artifacts.append(_artifact_entry(run, v.artifact, "gptq", {
+            "type": v.artifact, "bits": res["bits"], "group_size": res["group_size"], "bits_per_weight": res["bits_per_weight"],
+            "options": v.to_dict(), "notes": res.get("notes", []), "metrics": _metrics(rows.get(v.artifact))}))
+    eos = tokenizer.eos_token
+    template = getattr(tokenizer, "chat_template", None)
+    from edgequant.release.card import chat_family
+
+    chat = {"template": template, "example": example_prompt(tokenizer) if template else None, "eos_tokens": [eos] if eos else [],
+            "bos": tokenizer.bos_token, "checks": template_checks}
+    chat["family"] = chat_family({"template": template or ""})
+    readme_meta = _source_card_meta(ckpt.path)
+    made_at = max((rec["result"].get("made_at", "") for rec in recs.values()), default="") or _now()
+    base_name = Path(recs["base"]["paths"][0]).name
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "name": r.name,
+        "created": made_at,
+        "command": command,
+        "recipe": r.to_dict(),
+        "source": {"path": r.source, "fingerprint": fingerprint, "architecture": ckpt.hf_architecture,
+                   "n_params": sum(int(math.prod(t.shape)) for t in ckpt.tensors.values()),
+                   "license": readme_meta.get("license"), "base_model": readme_meta.get("base_model") or (
+                       r.source if not r.source_is_local else None)},
+        "versions": versions,
+        "host": _host(),
+        "chat_template": chat,
+        "bench": {"text": (bench_meta.get("text") or {}).get("name"), "text_sha256": (bench_meta.get("text") or {}).get("sha256"),
+                  "ctx": bench_meta.get("ctx"), "chunks": bench_meta.get("chunks"), "reference": base_name if r.keep_base else None,
+                  "reference_file": base_name, "devices": bench_meta.get("devices"), "threads": bench_meta.get("threads"),
+                  "speed_settings": bench_meta.get("speed_settings"), "host": bench_meta.get("host"),
+                  "notes": bench_meta.get("notes", [])},
+        "stages": run.timings,
+        "artifacts": artifacts,
+    }
+
+
+def _source_card_meta(folder: Path) -> dict:
+    """license / base_model from the source README's YAML front matter, when it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # noqa: BLE001 - a README without valid front matter: nothing to take
+        return {}
+    base = data.get("base_model")
+    return {"license": data.get("license"), "base_model": base[0] if isinstance(base, list) and base else base}
+
+
+def _gates(r: Recipe, manifest: dict) -> list[dict]:
+    results = []
+    arts = {a["type"]: a for a in manifest["artifacts"] if a["kind"] in ("gguf", "gptq")}
+    base_types = {t.upper() for t in r.base_artifact_names}
+    for g in r.gates:
+        names = [n for n, a in arts.items() if n.upper() not in base_types] if g.artifact == "*" else [g.artifact]
+        device = r.gate_device(g)
+        gate = g if device is None or g.device else type(g)(**{**g.to_dict(), "device": device})
+        for n in names:
+            a = arts.get(n)
+            value = gate.value(a.get("metrics") if a else None)
+            results.append({"gate": gate.describe(), "artifact": n, "metric": g.metric, "value": value,
+                            "max": g.max, "min": g.min, "passed": gate.passes(value)})
+    return results
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_outputs([path]) as (part,):
+        part.write_text(text, encoding="utf-8")
+
+
+def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> None:
+    """bench.json/bench.md/quality.png, Modelfile, README.md, then manifest.json listing them all."""
+    from edgequant.bench import report
+    from edgequant.bench.run import BenchReport, ModelRow
+    from edgequant.bench.speed import SpeedResult
+    from edgequant.release.card import recommend, render_model_card, render_modelfile
+    from edgequant.release.state import sha256_file
+
+    recipe_bench = manifest["recipe"]["bench"]
+    model_rows = []
+    for art, row in rows.items():
+        if row is None:
+            continue
+        d = dict(row)
+        d["speed"] = [SpeedResult(**s) for s in d.get("speed") or []]
+        model_rows.append(ModelRow(**d))
+    bench_report = BenchReport(
+        text=bench_meta.get("text"), ctx=bench_meta.get("ctx") or recipe_bench["ctx"], chunks=bench_meta.get("chunks"),
+        reference=manifest["bench"]["reference_file"], devices=bench_meta.get("devices") or manifest["recipe"]["release"]["devices"],
+        quality_device=None if not model_rows else (model_rows[0].quality or {}).get("device"),
+        threads=bench_meta.get("threads") or 0, flash_attn=bool(bench_meta.get("flash_attn", True)),
+        speed_settings=bench_meta.get("speed_settings"), rows=model_rows, notes=bench_meta.get("notes", []),
+        host=bench_meta.get("host") or {}, versions=manifest["versions"], seconds=manifest["stages"].get("bench", {}).get("seconds", 0.0))
+    _write_text(out / "bench.json", bench_report.to_json() + "\n")
+    _write_text(out / "bench.md", report.to_markdown(bench_report))
+    outputs = [("bench.json", "bench"), ("bench.md", "bench")]
+    if any(r.quality for r in model_rows):
+        report.plot(bench_report, out / "quality.png")
+        outputs.append(("quality.png", "plot"))
+    rec = recommend(manifest)
+    ggufs = [a for a in manifest["artifacts"] if a["kind"] == "gguf"]
+    if ggufs:
+        target = rec["path"] if rec else ggufs[0]["path"]
+        _write_text(out / "Modelfile", render_modelfile(manifest, target))
+        outputs.append(("Modelfile", "modelfile"))
+    _write_text(out / "README.md", render_model_card(manifest))
+    outputs.append(("README.md", "card"))
+    for name, kind in outputs:
+        p = out / name
+        manifest["artifacts"].append({"path": name, "files": [name], "kind": kind, "sha256": sha256_file(p),
+                                      "size_bytes": p.stat().st_size})
+    _write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+# -- merging the manifests of a CI matrix -----------------------------------------------------------------
+
+
+def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log | None = None) -> ReleaseResult:
+    """Combine the folders of ``release --only`` shards (each with its manifest.json) into one release.
+
+    Every artifact file is checked against its shard's recorded sha256 and copied (hard-linked when
+    possible) into ``output``; the bench rows, gate results and stage timings are combined; the bench
+    report, plot, model card, Modelfile and manifest are written anew for the whole set."""
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    if not manifests:
+        raise EdgequantError("release merge: name the manifest.json of each shard (e.g. parts/*/manifest.json)")
+    out = Path(output)
+    check_output_folder(out)
+    loaded = []
+    for m in manifests:
+        p = Path(m)
+        p = p / "manifest.json" if p.is_dir() else p
+        if not p.is_file():
+            raise EdgequantError(f"release merge: {p} does not exist; pass each shard's manifest.json (or its folder)")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgequantError(f"release merge: {p} is not valid JSON ({e})") from None
+        if data.get("schema") != MANIFEST_SCHEMA:
+            raise EdgequantError(f"release merge: {p} is not an edgequant manifest ({MANIFEST_SCHEMA})")
+        loaded.append((p.parent, data))
+    first = loaded[0][1]
+    for folder, data in loaded[1:]:
+        if data["source"]["fingerprint"] != first["source"]["fingerprint"] or data["name"] != first["name"]:
+            raise EdgequantError(f"release merge: {folder} was made from another source or name than {loaded[0][0]}; "
+                                 f"merge only shards of one recipe")
+    from edgequant.release.state import sha256_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, dict] = {}
+    rows: dict[str, dict] = {}
+    gates: list[dict] = []
+    stages: dict[str, dict] = {}
+    for folder, data in loaded:
+        bench_rows = {}
+        bj = folder / "bench.json"
+        if bj.is_file():
+            bench_rows = {row["model"]: row for row in json.loads(bj.read_text()).get("rows", [])}
+        for a in data["artifacts"]:
+            if a["kind"] not in ("gguf", "gptq", "imatrix"):
+                continue
+            seen = artifacts.get(a["path"])
+            if seen is not None:
+                if seen["sha256"] != a["sha256"]:
+                    raise EdgequantError(f"release merge: {a['path']} differs between shards (sha256 {seen['sha256'][:12]} vs "
+                                         f"{a['sha256'][:12]}); the shards were not made from the same inputs")
+                continue
+            hashes = a.get("file_sha256") or {a["files"][0]: a["sha256"]}
+            for rel in a["files"]:
+                src, dst = folder / rel, out / rel
+                if not src.is_file():
+                    raise EdgequantError(f"release merge: {src} is listed in {folder / 'manifest.json'} but missing")
+                if sha256_file(src) != hashes[rel]:
+                    raise EdgequantError(f"release merge: {src} does not match its recorded sha256 (corrupt or changed)")
+                if src.resolve() != dst.resolve():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_outputs([dst]) as (part,):
+                        try:
+                            os.link(src, part)
+                        except OSError:
+                            shutil.copyfile(src, part)
+            artifacts[a["path"]] = a
+            log(f"merged {a['path']}")
+            if a["path"] in bench_rows:
+                rows[a["path"]] = bench_rows[a["path"]]
+        ref = data["bench"].get("reference_file")
+        if ref in bench_rows:  # the reference row (kept even when the base file is not shipped)
+            rows.setdefault(ref, bench_rows[ref])
+        gates += data.get("gates", [])
+        for k, v in (data.get("stages") or {}).items():
+            t = stages.setdefault(k, {"seconds": 0.0, "skipped": True})
+            t["seconds"] = round(t["seconds"] + v.get("seconds", 0.0), 2)
+            t["skipped"] = t["skipped"] and v.get("skipped", False)
+    manifest = dict(first)
+    order = {"gguf": 0, "imatrix": 1, "gptq": 2}
+    manifest["artifacts"] = sorted(artifacts.values(), key=lambda a: (order[a["kind"]], -(a.get("size_bytes") or 0)))
+    manifest["gates"] = gates
+    manifest["stages"] = stages
+    manifest["status"] = "gates failed" if any(not g["passed"] for g in gates) else "ok"
+    manifest["merged_from"] = [{"folder": str(f), "recipe_gguf": [g["type"] for g in d["recipe"]["release"]["gguf"]],
+                                "recipe_gptq": [g["bits"] for g in d["recipe"]["gptq"]], "host": d.get("host")} for f, d in loaded]
+    bench_meta = {"text": {"name": first["bench"]["text"], "sha256": first["bench"].get("text_sha256"), "chars": 0},
+                  "ctx": first["bench"]["ctx"], "chunks": first["bench"]["chunks"], "devices": first["bench"]["devices"],
+                  "threads": first["bench"]["threads"], "speed_settings": first["bench"].get("speed_settings"),
+                  "host": first["bench"].get("host"), "notes": first["bench"].get("notes", []), "flash_attn": True}
+    _write_outputs(out, manifest, rows, bench_meta)
+    return ReleaseResult(folder=str(out), status=manifest["status"], made=sorted(artifacts), gates=gates,
+                         card=str(out / "README.md"), manifest=str(out / "manifest.json"),
+                         seconds=round(time.perf_counter() - t0, 2))

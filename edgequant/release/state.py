@@ -1,0 +1,175 @@
+"""Content-addressed stage records for ``edgequant release``: what to skip, what to redo.
+
+Each artifact is made by one stage whose inputs are hashed into a key (the source fingerprint, the
+options, the keys of the artifacts it is made from, the text it reads, the tool versions). The
+record in ``<output>/.edgequant/state.json`` keeps, per artifact, that key and the size, mtime and
+sha256 of every file it wrote. A stage is skipped when its key is unchanged and its files are as
+recorded (size and mtime, else a fresh sha256); anything else — a changed option, an input made
+anew, a deleted or edited file — redoes it, and everything downstream whose key includes it.
+
+A lock file keeps two releases out of one folder; ``*.part`` files and folders left by a run that
+was killed outright (SIGKILL, power loss) are removed when the next run takes the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgequant.atomic import PART_SUFFIX, atomic_outputs
+from edgequant.errors import EdgequantError
+
+STATE_DIR = ".edgequant"
+
+
+def stage_key(*parts: Any) -> str:
+    """A stable hash of JSON-able inputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """A file is itself; a folder (GPTQ) is every file under it, sorted."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def combined_sha256(file_hashes: dict[str, str]) -> str:
+    """One hash for a multi-file artifact: sha256 of its sorted ``relpath  sha256`` lines."""
+    lines = "".join(f"{k}  {v}\n" for k, v in sorted(file_hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+class Stages:
+    def __init__(self, root: Path):
+        self.root = root
+        self.dir = root / STATE_DIR
+        self.path = self.dir / "state.json"
+        self.data: dict[str, Any] = {"artifacts": {}, "bench": {}, "bench_meta": {}}
+
+    # -- lock and cleanup ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Stages"]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = self.dir / "lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock.read_text().strip()
+            if pid.isdigit() and _alive(int(pid)):
+                raise EdgequantError(f"another edgequant release (pid {pid}) is writing {self.root}; wait for it or choose another output") from None
+            lock.unlink(missing_ok=True)  # its process is gone: a stale lock
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            self._remove_partials()
+            self._load()
+            yield self
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _remove_partials(self) -> None:
+        for p in sorted(self.root.rglob(f"*{PART_SUFFIX}"), key=lambda x: -len(x.parts)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for tmp in self.root.glob(".edgequant-tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _load(self) -> None:
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if isinstance(data, dict):
+                    self.data = {"artifacts": data.get("artifacts") or {}, "bench": data.get("bench") or {},
+                                 "bench_meta": data.get("bench_meta") or {}}
+            except json.JSONDecodeError:
+                pass  # a damaged record only costs a rebuild
+
+    def save(self) -> None:
+        with atomic_outputs([self.path]) as (part,):
+            part.write_text(json.dumps(self.data, indent=1))
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def fresh(self, artifact: str, key: str) -> dict | None:
+        """The record when ``artifact`` was made with ``key`` and its files are unchanged, else None."""
+        rec = self.data["artifacts"].get(artifact)
+        if not rec or rec.get("key") != key:
+            return None
+        for rel, meta in rec["files"].items():
+            p = self.root / rel
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                return None
+            if st.st_size != meta["size"]:
+                return None
+            if st.st_mtime_ns != meta["mtime_ns"]:
+                if sha256_file(p) != meta["sha256"]:
+                    return None
+                meta["mtime_ns"] = st.st_mtime_ns  # touched, not changed
+        return rec
+
+    def forget(self, artifact: str) -> None:
+        """Drop an artifact's record and delete the files it recorded (before remaking it)."""
+        rec = self.data["artifacts"].pop(artifact, None)
+        if rec:
+            for rel in rec["files"]:
+                p = self.root / rel
+                if p.is_file():
+                    p.unlink()
+            for top in {Path(rel).parts[0] for rel in rec["files"]}:
+                d = self.root / top
+                if d.is_dir() and d != self.dir:
+                    shutil.rmtree(d, ignore_errors=True)
+        self.data["bench"].pop(artifact, None)
+        self.save()
+
+    def record(self, artifact: str, key: str, paths: list[Path], result: dict) -> dict:
+        files = {}
+        for top in paths:
+            for f in artifact_files(top):
+                st = f.stat()
+                files[str(f.relative_to(self.root))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(f)}
+        rec = {"key": key, "paths": [str(p.relative_to(self.root)) for p in paths], "files": files, "result": result}
+        self.data["artifacts"][artifact] = rec
+        self.save()
+        return rec
+
+    # -- bench rows --------------------------------------------------------------------------------
+
+    def bench_row(self, artifact: str, key: str) -> dict | None:
+        rec = self.data["bench"].get(artifact)
+        return rec["row"] if rec and rec.get("key") == key else None
+
+    def record_bench(self, artifact: str, key: str, row: dict) -> None:
+        self.data["bench"][artifact] = {"key": key, "row": row}
+        self.save()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
