@@ -384,6 +384,7 @@ def parse_release_flags(args: list[str]) -> dict[str, Any]:
             raise EdgequantError(f"unexpected argument {arg!r}; recipe options are --name VALUE (see docs/recipe.md)")
         name, eq, value = arg[2:].partition("=")
         key = name.replace("-", "_")
+        key = {"device": "devices", "gate": "gates", "card_tag": "card_tags"}.get(key, key)
         negated = key.startswith("no_") and key[3:] in _RELEASE_BOOL_FLAGS
         if negated or (key in _RELEASE_BOOL_FLAGS and not eq and (i + 1 >= len(args) or args[i + 1].startswith("--"))):
             flags[key[3:] if negated else key] = not negated
@@ -436,7 +437,7 @@ def release(
     def load():
         flags = parse_release_flags(list(ctx.args))
         if output is not None:
-            flags["output"] = str(output)
+            flags["output"] = str(output.resolve())  # relative to where the command runs, not the recipe
         path = Path(target)
         if path.suffix == ".toml":
             if not path.is_file():
@@ -451,8 +452,21 @@ def release(
     if print_recipe:
         print(recipe.to_toml())
         return
-    command = " ".join(["edgequant", "release", *sys.argv[2:]]) if len(sys.argv) > 1 else None
-    result = _run(lambda: do_release(recipe, log=log, command=command), as_json)
+    import shlex
+
+    from edgequant.errors import GateFailed
+
+    command = shlex.join(["edgequant", "release", *sys.argv[2:]]) if len(sys.argv) > 1 else None
+
+    def work():
+        try:
+            return do_release(recipe, log=log, command=command)
+        except GateFailed as e:  # the summary still goes out (CI reads it), then exit status 3
+            if getattr(e, "result", None) is not None:
+                _print_release(e.result, as_json)
+            raise
+
+    result = _run(work, as_json)
     _print_release(result, as_json)
 
 

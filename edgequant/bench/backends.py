@@ -113,6 +113,7 @@ class LlamaCppBackend:
                 model_path=self.path, n_ctx=ctx, n_batch=n_batch or ctx, n_ubatch=n_ubatch or min(ctx, 512),
                 logits_all=logits_all, flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
+                op_offload=device == "cuda",  # a CUDA build would otherwise send big CPU batches to the GPU
             )
         except ValueError as e:
             raise EdgequantError(f"llama.cpp cannot load {self.path} ({e}); run edgequant inspect on it") from None

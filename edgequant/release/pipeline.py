@@ -127,6 +127,7 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
     ckpt = open_checkpoint(r.source_ref)
     fingerprint = ckpt.fingerprint()
     out = run.out
+    (out / "manifest.json").unlink(missing_ok=True)  # written last: never describes a half-made release
     versions = tool_versions()
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
     cal_text = load_text(r.text_source("calibration")) if r.gptq else None
@@ -214,7 +215,9 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
     # -- GPTQ -------------------------------------------------------------------------------------------
     gptq_keys: dict[str, str] = {}
     for v in r.gptq:
-        key = stage_key("gptq", v.to_dict(), fingerprint, cal_text.sha256, versions["gptqmodel"], versions["edgequant"])
+        gptq_device = "cuda" if "cuda" in r.devices else "cpu"
+        key = stage_key("gptq", v.to_dict(), fingerprint, cal_text.sha256, r.name, gptq_device, versions["gptqmodel"],
+                        versions["edgequant"])
         gptq_keys[v.artifact] = key
         target = out / f"{r.name}-{v.artifact}"
 
@@ -225,8 +228,9 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
             shutil.rmtree(staging, ignore_errors=True)
             opts = GPTQOptions(group_size=v.group_size, desc_act=v.desc_act, sym=v.sym, damp_percent=v.damp_percent,
                                calibration=r.text_source("calibration"), samples=v.samples, seq_len=v.seq_len,
-                               seed=v.seed, device="cuda" if "cuda" in r.devices else "cpu", force=True)
+                               seed=v.seed, device=gptq_device, force=True)
             (res,) = gptq(ckpt.path, [v.bits], staging, opts)
+            shutil.rmtree(target, ignore_errors=True)  # left by a run killed before it recorded the stage
             os.replace(res.folder, target)
             shutil.rmtree(staging, ignore_errors=True)
             return [target], {"bits": res.bits, "group_size": res.group_size, "size_bytes": res.size_bytes,
@@ -251,7 +255,9 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
                            seconds=round(time.perf_counter() - t0, 2))
     if failed:
         lines = "; ".join(f"{g['gate']}: {g['artifact']} measured {g['value']}" for g in failed)
-        raise GateFailed(f"quality gate failed ({lines}); artifacts and manifest.json are in {out} with status 'gates failed'")
+        e = GateFailed(f"quality gate failed ({lines}); artifacts and manifest.json are in {out} with status 'gates failed'")
+        e.result = result
+        raise e
     return result
 
 
@@ -282,7 +288,7 @@ def _bench(run: _Run, r: Recipe, base_file: Path, base_key: str, gguf_keys: dict
         for art in models:
             row = by_path.get(str(models[art][0]))
             if row is not None:
-                row["model"] = str(Path(row["model"]).relative_to(out)) if Path(row["model"]).is_relative_to(out) else row["name"]
+                row["model"] = base_file.name if art == "base" else str(Path(row["model"]).relative_to(out))
                 rows[art] = row
                 run.st.record_bench(art, keys[art], row)
         seconds = round(time.perf_counter() - t0, 2)
@@ -391,6 +397,7 @@ def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows
                   "notes": bench_meta.get("notes", [])},
         "stages": run.timings,
         "artifacts": artifacts,
+        "base_metrics": _metrics(rows.get("base"), reference=True),
     }
 
 
@@ -413,8 +420,12 @@ def _gates(r: Recipe, manifest: dict) -> list[dict]:
     results = []
     arts = {a["type"]: a for a in manifest["artifacts"] if a["kind"] in ("gguf", "gptq")}
     base_types = {t.upper() for t in r.base_artifact_names}
+    base_entry = {"metrics": manifest.get("base_metrics")}
     for g in r.gates:
         names = [n for n, a in arts.items() if n.upper() not in base_types] if g.artifact == "*" else [g.artifact]
+        if g.artifact != "*" and g.artifact.upper() in base_types:  # base, F16, BF16: the 16-bit file, shipped or not
+            names = [g.artifact]
+            arts = {**arts, g.artifact: base_entry}
         device = r.gate_device(g)
         gate = g if device is None or g.device else type(g)(**{**g.to_dict(), "device": device})
         for n in names:
@@ -555,6 +566,20 @@ def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log |
             t["seconds"] = round(t["seconds"] + v.get("seconds", 0.0), 2)
             t["skipped"] = t["skipped"] and v.get("skipped", False)
     manifest = dict(first)
+    manifest["command"] = "edgequant release merge " + " ".join(str(f / "manifest.json") for f, _ in loaded)
+    recipe = json.loads(json.dumps(first["recipe"]))
+    for _, data in loaded[1:]:  # the shards' selections together: the recipe of the whole release
+        for table, items in (("gguf", data["recipe"]["release"]["gguf"]), ("gptq", data["recipe"]["gptq"])):
+            target = recipe["release"]["gguf"] if table == "gguf" else recipe["gptq"]
+            for item in items:
+                if item not in target:
+                    target.append(item)
+        for gate in data["recipe"].get("gates", []):
+            if gate not in recipe["gates"]:
+                recipe["gates"].append(gate)
+    manifest["recipe"] = recipe
+    seen_gates = set()
+    gates = [g for g in gates if (g["gate"], g["artifact"]) not in seen_gates and not seen_gates.add((g["gate"], g["artifact"]))]
     order = {"gguf": 0, "imatrix": 1, "gptq": 2}
     manifest["artifacts"] = sorted(artifacts.values(), key=lambda a: (order[a["kind"]], -(a.get("size_bytes") or 0)))
     manifest["gates"] = gates

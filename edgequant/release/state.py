@@ -7,7 +7,7 @@ sha256 of every file it wrote. A stage is skipped when its key is unchanged and 
 recorded (size and mtime, else a fresh sha256); anything else — a changed option, an input made
 anew, a deleted or edited file — redoes it, and everything downstream whose key includes it.
 
-A lock file keeps two releases out of one folder; ``*.part`` files and folders left by a run that
+A lock (flock on ``.edgequant/lock``) keeps two releases out of one folder; ``*.part`` files and folders left by a run that
 was killed outright (SIGKILL, power loss) are removed when the next run takes the lock.
 """
 
@@ -65,27 +65,27 @@ class Stages:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["Stages"]:
+        """One writer per output folder: an flock the kernel drops when the process dies."""
+        import fcntl
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        lock = self.dir / "lock"
+        fd = os.open(self.dir / "lock", os.O_CREAT | os.O_RDWR)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = lock.read_text().strip()
-            if pid.isdigit() and _alive(int(pid)):
-                raise EdgequantError(f"another edgequant release (pid {pid}) is writing {self.root}; wait for it or choose another output") from None
-            lock.unlink(missing_ok=True)  # its process is gone: a stale lock
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EdgequantError(f"another edgequant release is writing {self.root}; wait for it or choose another output") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
             self._remove_partials()
             self._load()
             yield self
         finally:
-            lock.unlink(missing_ok=True)
+            os.close(fd)  # releases the lock
 
     def _remove_partials(self) -> None:
-        for p in sorted(self.root.rglob(f"*{PART_SUFFIX}"), key=lambda x: -len(x.parts)):
+        """``*.part`` files and folders a killed run left (only where edgequant writes them)."""
+        for p in [*self.root.glob(f"*{PART_SUFFIX}"), *self.dir.rglob(f"*{PART_SUFFIX}")]:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -125,7 +125,8 @@ class Stages:
             if st.st_mtime_ns != meta["mtime_ns"]:
                 if sha256_file(p) != meta["sha256"]:
                     return None
-                meta["mtime_ns"] = st.st_mtime_ns  # touched, not changed
+                meta["mtime_ns"] = st.st_mtime_ns  # touched, not changed: remember, so it is hashed once
+                self.save()
         return rec
 
     def forget(self, artifact: str) -> None:
@@ -164,12 +165,3 @@ class Stages:
         self.data["bench"][artifact] = {"key": key, "row": row}
         self.save()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
