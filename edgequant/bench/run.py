@@ -96,6 +96,7 @@ class BenchOptions:
     reps: int = 5
     n_batch: int = 2048
     n_ubatch: int = 512
+    isolated_speed: bool = True  # each speed test in a fresh process (clean load time and peak RSS)
 
 
 def describe_model(path: str | Path, kind: str) -> ModelRow:
@@ -246,7 +247,8 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
                 for d in devices:
                     bar.describe(f"speed {r.name} ({d})")
                     r.speed.append(measure_speed(r.model, device=d, threads=threads, pp=o.pp, tg=o.tg, reps=o.reps,
-                                                 n_batch=o.n_batch, n_ubatch=o.n_ubatch, flash_attn=o.flash_attn))
+                                                 n_batch=o.n_batch, n_ubatch=o.n_ubatch, flash_attn=o.flash_attn,
+                                                 isolated=o.isolated_speed))
                     bar.advance(1)
     text_info = None
     if corpus is not None:

@@ -10,8 +10,10 @@ For an HF or GPTQ folder the same two tests through torch: one forward pass over
 (only the last position's logits computed, as llama.cpp outputs one) and ``tg`` single-token steps
 with the KV cache.
 
-Load time, peak resident memory added by the model (sampled every 10 ms from load to the end of the
-last run) and, on CUDA, the peak device memory used are reported beside the rates.
+Load time, the peak resident memory of the measuring process (sampled every 10 ms from load to the
+end of the last run; the bench measures each model in a fresh process, so it is that model's) and,
+on CUDA, the peak device memory used above what was in use before loading are reported beside the
+rates.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class _PeakSampler:
         self._sample()
 
     def rss(self) -> int:
-        return self.peak_rss - self.base_rss
+        return self.peak_rss
 
     def vram(self) -> int | None:
         return None if self.peak_vram is None or self.base_vram is None else self.peak_vram - self.base_vram
@@ -113,8 +115,14 @@ def _mean_std(tokens: int, seconds: list[float]) -> tuple[float, float]:
 
 def measure_speed(path: str | Path, *, device: str = "cpu", threads: int | None = None, pp: int = 512,
                   tg: int = 128, reps: int = 5, n_batch: int = 2048, n_ubatch: int = 512,
-                  flash_attn: bool = True, seed: int = 0) -> SpeedResult:
-    """pp/tg tokens per second of one model on one device (an ``absent`` result when it cannot run there)."""
+                  flash_attn: bool = True, seed: int = 0, isolated: bool = False) -> SpeedResult:
+    """pp/tg tokens per second of one model on one device (an ``absent`` result when it cannot run there).
+
+    ``isolated``: measure in a fresh Python process, as llama-bench is one process per run: load time
+    and peak RSS then belong to this model alone, not to whatever this process loaded before."""
+    if isolated:
+        return _isolated(path, dict(device=device, threads=threads, pp=pp, tg=tg, reps=reps, n_batch=n_batch,
+                                    n_ubatch=n_ubatch, flash_attn=flash_attn, seed=seed))
     kind = model_kind(path)
     threads = threads or default_threads()
     result = SpeedResult(device=device, pp=pp, tg=tg, reps=reps, threads=threads)
@@ -250,3 +258,32 @@ def _torch_speed(path, kind: str, result: SpeedResult, *, seed: int) -> SpeedRes
     result.peak_rss_bytes, result.peak_vram_bytes = mem.rss(), mem.vram()
     return result
 
+
+
+def _isolated(path: str | Path, kwargs: dict) -> SpeedResult:
+    import json
+    import subprocess
+    import sys
+
+    from edgequant.errors import EdgequantError
+
+    cmd = [sys.executable, "-m", "edgequant.bench.speed", str(path), json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgequantError(f"speed test of {Path(path).name} failed ({tail})")
+    return SpeedResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":  # one isolated measurement: python -m edgequant.bench.speed PATH JSON_KWARGS
+    import json
+    import resource
+    import sys
+
+    from edgequant.progress import quiet_libraries
+
+    quiet_libraries()
+    res = measure_speed(sys.argv[1], **json.loads(sys.argv[2]))
+    if res.absent is None:
+        res.peak_rss_bytes = max(res.peak_rss_bytes or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps(res.to_dict()))
