@@ -52,10 +52,19 @@ def default_files() -> list[Path]:
     return list(want.values())
 
 
+def wheel_lib_dir() -> str:
+    import llama_cpp
+
+    return str(Path(llama_cpp.__file__).parent / "lib")
+
+
 def llama_bench(binary: Path, gguf: Path, a) -> dict[str, tuple[float, float]]:
+    env = dict(os.environ)
+    if a.same_library:  # llama-bench's driver on the very libllama/libggml that llama-cpp-python (and so edgequant) runs
+        env["LD_LIBRARY_PATH"] = wheel_lib_dir()
     cmd = [str(binary), "-m", str(gguf), "-p", str(a.pp), "-n", str(a.tg), "-r", str(a.reps), "-t", str(a.threads),
            "-b", str(a.batch), "-ub", str(a.ubatch), "-fa", "1", "-o", "json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     out = {}
     for row in json.loads(res.stdout):
         key = "pp" if row["n_prompt"] else "tg"
@@ -83,6 +92,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--ubatch", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per tool; the median of the rounds is reported")
+    ap.add_argument("--same-library", action="store_true",
+                    help="run llama-bench on llama-cpp-python's own libllama/libggml (LD_LIBRARY_PATH), to separate the "
+                         "driver from differences between the two builds of llama.cpp")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -115,7 +127,9 @@ def main() -> int:
     if a.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"threads {a.threads}, pp{a.pp}/tg{a.tg}, {a.reps} reps, batch {a.batch}/{a.ubatch}, {a.rounds} alternating rounds")
+    lib = "llama-cpp-python's libraries" if a.same_library else "its own build"
+    print(f"threads {a.threads}, pp{a.pp}/tg{a.tg}, {a.reps} reps, batch {a.batch}/{a.ubatch}, {a.rounds} alternating rounds; "
+          f"llama-bench on {lib}")
     print(f"{'file':42} {'test':5} {'llama-bench t/s':>16} {'edgequant t/s':>14} {'ratio':>7}  within 10 %")
     for row in results:
         for test in ("pp", "tg"):

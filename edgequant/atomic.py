@@ -64,3 +64,10 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
             raise RuntimeError(f"internal error: {p} was not written")
         os.replace(p, final)
 
+
+
+def write_text(path: Path, text: str) -> Path:
+    """A small text output (report, card, manifest) written through ``atomic_outputs``."""
+    with atomic_outputs([path]) as (part,):
+        part.write_text(text, encoding="utf-8")
+    return path

@@ -219,6 +219,7 @@ def bench(
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity, KL divergence and tokens/sec of GGUF files and HF/GPTQ folders, as llama.cpp's tools measure them."""
+    from edgequant.atomic import write_text
     from edgequant.bench import report as rep
     from edgequant.bench.run import BenchOptions, run_bench
 
@@ -248,7 +249,7 @@ def bench(
     renderers = {"json": lambda: report.to_json() + "\n", "csv": lambda: rep.to_csv(report), "md": lambda: rep.to_markdown(report)}
     if output is not None:
         kind = fmt if fmt != "table" else {".json": "json", ".csv": "csv", ".md": "md"}.get(output.suffix.lower(), "md")
-        _run(lambda: _write_text(output, renderers[kind]()), fmt == "json")
+        _run(lambda: write_text(output, renderers[kind]()), fmt == "json")
     if plot is not None:
         if not any(r.quality for r in report.rows):
             err.print("[yellow]note:[/] --plot needs perplexity numbers; nothing plotted with --speed-only")
@@ -268,14 +269,6 @@ def bench(
             err.print(f"[yellow]absent:[/] {row['name']} on {row['device']}: {row['absent']}", highlight=False)
     for n in report.notes:
         err.print(f"[yellow]note:[/] {n}", highlight=False)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    from edgequant.atomic import atomic_outputs
-
-    with atomic_outputs([path]) as (part,):
-        part.write_text(text, encoding="utf-8")
-    return path
 
 
 @app.command()

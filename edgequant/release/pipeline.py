@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgequant import __version__
-from edgequant.atomic import atomic_outputs, check_output_folder
+from edgequant.atomic import atomic_outputs, check_output_folder, write_text
 from edgequant.errors import EdgequantError, GateFailed
 from edgequant.release.recipe import Recipe
 from edgequant.release.state import STATE_DIR, Stages, combined_sha256, stage_key
@@ -436,11 +436,6 @@ def _gates(r: Recipe, manifest: dict) -> list[dict]:
     return results
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_outputs([path]) as (part,):
-        part.write_text(text, encoding="utf-8")
-
-
 def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> None:
     """bench.json/bench.md/quality.png, Modelfile, README.md, then manifest.json listing them all."""
     from edgequant.bench import report
@@ -464,8 +459,8 @@ def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> N
         threads=bench_meta.get("threads") or 0, flash_attn=bool(bench_meta.get("flash_attn", True)),
         speed_settings=bench_meta.get("speed_settings"), rows=model_rows, notes=bench_meta.get("notes", []),
         host=bench_meta.get("host") or {}, versions=manifest["versions"], seconds=manifest["stages"].get("bench", {}).get("seconds", 0.0))
-    _write_text(out / "bench.json", bench_report.to_json() + "\n")
-    _write_text(out / "bench.md", report.to_markdown(bench_report))
+    write_text(out / "bench.json", bench_report.to_json() + "\n")
+    write_text(out / "bench.md", report.to_markdown(bench_report))
     outputs = [("bench.json", "bench"), ("bench.md", "bench")]
     if any(r.quality for r in model_rows):
         report.plot(bench_report, out / "quality.png")
@@ -474,15 +469,15 @@ def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> N
     ggufs = [a for a in manifest["artifacts"] if a["kind"] == "gguf"]
     if ggufs:
         target = rec["path"] if rec else ggufs[0]["path"]
-        _write_text(out / "Modelfile", render_modelfile(manifest, target))
+        write_text(out / "Modelfile", render_modelfile(manifest, target))
         outputs.append(("Modelfile", "modelfile"))
-    _write_text(out / "README.md", render_model_card(manifest))
+    write_text(out / "README.md", render_model_card(manifest))
     outputs.append(("README.md", "card"))
     for name, kind in outputs:
         p = out / name
         manifest["artifacts"].append({"path": name, "files": [name], "kind": kind, "sha256": sha256_file(p),
                                       "size_bytes": p.stat().st_size})
-    _write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 # -- merging the manifests of a CI matrix -----------------------------------------------------------------
