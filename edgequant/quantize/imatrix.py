@@ -33,6 +33,11 @@ from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
 
 _EXPERTS_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 _EXPERT_NAMES = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)
+# One nn.Linear per expert: the hub's Mixtral layout (w1/w3/w2) and the "defused" one GPTQModel's
+# defuser swaps into transformers for the rest of the process once it has loaded an MoE model.
+_EXPERT_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)$")
+_EXPERT_LINEAR_TENSOR = {"gate_proj": _EXPERT_NAMES[0], "w1": _EXPERT_NAMES[0], "up_proj": _EXPERT_NAMES[1],
+                         "w3": _EXPERT_NAMES[1], "down_proj": _EXPERT_NAMES[2], "w2": _EXPERT_NAMES[2]}
 
 
 @dataclass
@@ -82,6 +87,14 @@ class _Collector:
     def linear_hook(self, name: str):
         def hook(_module, args):
             self.add(name, args[0].detach())
+        return hook
+
+    def expert_linear_hook(self, name: str, expert: int, n_expert: int, cols: int):
+        """A per-expert Linear sees only the tokens routed to its expert: its inputs are that expert's slot."""
+        self._slot(name, n_expert, cols)  # present even if no token reaches this expert
+
+        def hook(_module, args):
+            self.add(name, args[0].detach(), expert, n_expert)
         return hook
 
     def experts_hook(self, bid: int, arch):
@@ -141,10 +154,16 @@ def compute_imatrix(
     model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype).to(dev).eval()
     col = _Collector()
     handles = []
+    n_expert = int(ckpt.config.get("num_local_experts") or 0)
     for name, module in model.named_modules():
         m = _EXPERTS_MODULE.match(name)
+        e = _EXPERT_LINEAR.match(name)
         if m and hasattr(module, "gate_up_proj"):
             handles.append(module.register_forward_pre_hook(col.experts_hook(int(m.group(1)), arch), with_kwargs=True))
+        elif e and isinstance(module, torch.nn.Linear) and n_expert:
+            gname = arch.tensor_name(_EXPERT_LINEAR_TENSOR[e.group(3)], int(e.group(1)))
+            handles.append(module.register_forward_pre_hook(
+                col.expert_linear_hook(gname, int(e.group(2)), n_expert, module.in_features)))
         elif isinstance(module, torch.nn.Linear):
             gname = arch.mapped_name(name + ".weight")
             if gname is not None and gname.startswith("blk."):
