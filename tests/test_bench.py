@@ -120,7 +120,8 @@ def test_f32_gguf_matches_its_hf_source_in_the_same_run(tiny_mistral_dir, tmp_pa
     for row, backend in ((hf, "torch"), (gg, "llama.cpp")):
         (s,) = row.speed
         assert s.backend == backend and s.device == "cpu" and s.absent is None
-        assert s.pp_tps > 0 and s.tg_tps > 0 and s.load_seconds >= 0 and s.peak_rss_bytes > 0
+        assert s.pp_tps > 0 and s.tg_tps > 0 and s.load_seconds >= 0
+        assert 50e6 < s.peak_rss_bytes < 2e9  # the measuring process's own peak, not its parent's
 
 
 def test_speed_like_llama_bench(tiny_llama_dir, tmp_path):

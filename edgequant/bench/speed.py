@@ -277,13 +277,10 @@ def _isolated(path: str | Path, kwargs: dict) -> SpeedResult:
 
 if __name__ == "__main__":  # one isolated measurement: python -m edgequant.bench.speed PATH JSON_KWARGS
     import json
-    import resource
     import sys
 
     from edgequant.progress import quiet_libraries
 
     quiet_libraries()
-    res = measure_speed(sys.argv[1], **json.loads(sys.argv[2]))
-    if res.absent is None:
-        res.peak_rss_bytes = max(res.peak_rss_bytes or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps(res.to_dict()))
+    # peak RSS is sampled from /proc/self/statm: ru_maxrss would start at the parent's RSS at fork time
+    print(json.dumps(measure_speed(sys.argv[1], **json.loads(sys.argv[2])).to_dict()))
