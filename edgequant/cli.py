@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgequant import progress
 from edgequant.errors import EdgequantError
+from edgequant.units import human_size as _human
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ship Hugging Face causal LMs to the edge: GGUF, GPTQ, llama.cpp-exact benchmarks.")
 out = Console()
@@ -71,14 +72,6 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise EdgequantError(f"--split-max-size {text!r}: use a size like 50G, 500M or a byte count") from None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @app.command()

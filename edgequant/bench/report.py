@@ -11,6 +11,7 @@ import csv
 import io
 from pathlib import Path
 
+from edgequant import units
 from edgequant.bench.run import SCHEMA, BenchReport
 
 COLUMNS = [
@@ -54,13 +55,7 @@ def _f(v, fmt: str, none: str = "—") -> str:
 
 
 def human_size(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    return units.human_size(n, digits=1)
 
 
 def display_rows(report: BenchReport) -> tuple[list[str], list[list[str]]]:

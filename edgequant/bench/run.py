@@ -157,7 +157,7 @@ def _check_devices(devices: list[str], kinds: set[str], quality: bool) -> str | 
     return qdev if quality else None
 
 
-def _host() -> dict:
+def host_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -256,7 +256,7 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
     return BenchReport(
         text=text_info, ctx=o.ctx, chunks=n_chunks, reference=ref_row.model if ref_row else None, devices=devices,
         quality_device=qdev, threads=threads, flash_attn=o.flash_attn, speed_settings=speed_settings, rows=rows,
-        notes=notes, host=_host(), versions=versions(), seconds=round(time.perf_counter() - t_start, 2),
+        notes=notes, host=host_info(), versions=versions(), seconds=round(time.perf_counter() - t_start, 2),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from huggingface_hub import ModelCardData
 
 from edgequant.errors import EdgequantError
+from edgequant.units import human_size
 
 RECOMMEND_MAX_KLD = 0.05
 RECOMMEND_MIN_SAME_TOP = 0.90
@@ -78,14 +79,7 @@ def fmt_pct(v: Any) -> str:
 
 
 def fmt_size(n: Any) -> str:
-    x = _num(n)
-    if x is None:
-        return DASH
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(x) < 1000 or unit == "TB":
-            return f"{x:.0f} B" if unit == "B" else f"{x:.2f} {unit}"
-        x /= 1000
-    return DASH
+    return human_size(_num(n), none=DASH)
 
 
 def cell(text: Any) -> str:

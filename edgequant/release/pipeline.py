@@ -342,7 +342,7 @@ def _artifact_entry(run: _Run, art: str, kind: str, extra: dict) -> dict:
 
 def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows: dict, bench_meta: dict,
               tokenizer, template_checks: dict, command: str | None) -> dict:
-    from edgequant.bench.run import _host
+    from edgequant.bench.run import host_info
     from edgequant.release.template_gate import example_prompt
 
     recs = run.st.data["artifacts"]
@@ -388,7 +388,7 @@ def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows
                    "license": readme_meta.get("license"), "base_model": readme_meta.get("base_model") or (
                        r.source if not r.source_is_local else None)},
         "versions": versions,
-        "host": _host(),
+        "host": host_info(),
         "chat_template": chat,
         "bench": {"text": (bench_meta.get("text") or {}).get("name"), "text_sha256": (bench_meta.get("text") or {}).get("sha256"),
                   "ctx": bench_meta.get("ctx"), "chunks": bench_meta.get("chunks"), "reference": base_name if r.keep_base else None,
