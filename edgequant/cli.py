@@ -64,12 +64,10 @@ def _print_fallbacks(type_name: str, fallbacks: list[str], type_counts: dict[str
 
 def parse_size(text: str) -> int:
     """``50G``, ``500M``, ``2K`` or a byte count; decimal units, like llama.cpp's --split-max-size."""
-    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-    t = text.strip().upper().removesuffix("B")
+    from edgequant.units import parse_size as parse
+
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return parse(text)
     except ValueError:
         raise EdgequantError(f"--split-max-size {text!r}: use a size like 50G, 500M or a byte count") from None
 

@@ -13,3 +13,15 @@ def human_size(n: float | None, digits: int = 2, none: str = "—") -> str:
             return f"{x:.0f} B" if unit == "B" else f"{x:.{digits}f} {unit}"
         x /= 1000
     return none
+
+
+SIZE_UNITS = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """``50G``, ``500M``, ``2K`` or a byte count, decimal units like llama.cpp's --split-max-size;
+    ValueError for anything else."""
+    t = text.strip().upper().removesuffix("B")
+    if t and t[-1] in SIZE_UNITS:
+        return int(float(t[:-1]) * SIZE_UNITS[t[-1]])
+    return int(t)

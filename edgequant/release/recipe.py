@@ -45,6 +45,7 @@ import gguf
 
 from edgequant.bench.text import BUILTIN_ALIASES, DATASETS
 from edgequant.errors import EdgequantError
+from edgequant.units import parse_size
 from edgequant.quantize import types as qtypes
 
 # -- the schema: tables and their keys (the validator's and the docs' list) -------------------------
@@ -82,9 +83,6 @@ SPEED_METRICS = ("pp_tps", "tg_tps")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_SIZE_UNITS = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-
-
 # -- the dataclass tree ------------------------------------------------------------------------------
 
 
@@ -984,9 +982,8 @@ def _size(rel: _Table, v: Any) -> int:
             return 0
         return v
     if isinstance(v, str):
-        t = v.strip().upper().removesuffix("B")
         try:
-            n = int(float(t[:-1]) * _SIZE_UNITS[t[-1]]) if t and t[-1] in _SIZE_UNITS else int(t)
+            n = parse_size(v)
             if n >= 0:
                 return n
         except ValueError:
