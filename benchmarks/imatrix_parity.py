@@ -100,11 +100,11 @@ def f16_for(model: Path, workdir: Path) -> Path:
 
 def check_tokens(model: Path, f16: Path, text: str, ctx: int, chunks: int) -> tuple[bool, str]:
     """Do transformers and llama.cpp cut the text into the same token ids (the chunks used)?"""
-    import llama_cpp
+    from edgequant.llamacpp import open_llama
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(model))(text, add_special_tokens=True, verbose=False).input_ids
-    llm = llama_cpp.Llama(model_path=str(f16), vocab_only=True, verbose=False)
+    llm = open_llama(f16, vocab_only=True)
     # llama-imatrix: common_tokenize(prompt, add_special=true, parse_special=false); -f drops one trailing '\n'
     lc = llm.tokenize(text.removesuffix("\n").encode(), add_bos=True, special=False)
     n = ctx * chunks

@@ -26,6 +26,20 @@ out = Console()
 err = Console(stderr=True)
 
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout (no progress bars).")
+RepackOpt = typer.Option(None, "--repack", envvar="EDGEQUANT_REPACK", show_envvar=True,
+                         help="llama.cpp weight repacking: auto (off only where ggml's AMX backend is active, "
+                              "llama.cpp #20824), on, off. docs/cpu.md.")
+VerboseOpt = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")
+
+
+def _llama_options(repack: str | None, verbose: bool) -> None:
+    from edgequant.llamacpp import set_repack_mode, set_verbose
+
+    try:
+        set_repack_mode(repack)
+    except EdgequantError as e:
+        _fail(str(e))
+    set_verbose(verbose)
 
 
 def _run(fn: Callable[[], Any], as_json: bool) -> Any:
@@ -207,9 +221,12 @@ def bench(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the report to this file (format from --format, else from the suffix)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of size against PPL/KLD with the Pareto front."),
     json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of the --json report and exit."),
+    repack: Optional[str] = RepackOpt,
+    verbose: bool = VerboseOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity, KL divergence and tokens/sec of GGUF files and HF/GPTQ folders, as llama.cpp's tools measure them."""
+    _llama_options(repack, verbose)
     from edgequant.atomic import write_text
     from edgequant.bench import report as rep
     from edgequant.bench.run import BenchOptions, run_bench
@@ -400,6 +417,8 @@ def release(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (overrides the recipe's)."),
     only: list[str] = typer.Option([], "--only", help="Make only these artifacts (a CI matrix shard); repeatable or comma-separated."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe as TOML and exit (no work)."),
+    repack: Optional[str] = RepackOpt,
+    verbose: bool = VerboseOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Make every artifact of a release (GGUF types, imatrix, GPTQ, bench, model card, Modelfile, manifest) from a recipe.
@@ -409,6 +428,8 @@ def release(
     """
     from edgequant.release.pipeline import release as do_release, release_merge
     from edgequant.release.recipe import load_recipe, recipe_from_options
+
+    _llama_options(repack, verbose)
 
     quiet = as_json
     log = (lambda msg: None) if quiet else (lambda msg: err.print(msg, highlight=False))
@@ -469,9 +490,12 @@ def _print_release(result, as_json: bool) -> None:
 @app.command()
 def demo(
     output: Path = typer.Option(Path("edgequant-demo"), "-o", "--output", help="Folder for everything the demo makes."),
+    repack: Optional[str] = RepackOpt,
+    verbose: bool = VerboseOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run a whole release (GGUF Q8_0/Q4_K_M/Q2_K+imatrix, GPTQ 4-bit, bench, model card) on the bundled SmolLM2-135M-Instruct."""
+    _llama_options(repack, verbose)
     from edgequant.demo import run_demo
 
     log = (lambda msg: None) if as_json else (lambda msg: err.print(msg, highlight=False))

@@ -89,10 +89,10 @@ def run_demo(folder: str | Path = "edgequant-demo", log=None) -> DemoResult:
 
     manifest = json.loads(Path(rel.manifest).read_text())
     best = recommend(manifest) or next(a for a in manifest["artifacts"] if a["kind"] == "gguf")
-    from llama_cpp import Llama
+    from edgequant.llamacpp import open_llama
 
     gguf = Path(rel.folder) / best["path"]
-    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False, seed=0)
+    llm = open_llama(gguf, n_ctx=512, seed=0)
     try:
         reply = llm.create_chat_completion([{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.0)
     finally:

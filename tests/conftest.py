@@ -62,3 +62,11 @@ def smollm2_hf_dir() -> Path:
 def text_samples() -> list[str]:
     """Awkward strings for tokenizer comparisons (unicode, digits, whitespace, specials, code)."""
     return list(fixtures.TEXT_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def llama_tools() -> Path:
+    """llama.cpp's own tools built from the installed llama-cpp-python's sdist (cached; .ci/run builds them first)."""
+    from edgequant.llamacpp_tools import bin_dir
+
+    return bin_dir()

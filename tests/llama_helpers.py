@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import llama_cpp
+from edgequant.llamacpp import open_llama
 
 
 @contextlib.contextmanager
 def llama(path: Path | str, n_ctx: int = 512, **kw):
     """A llama.cpp context with an F32 KV cache (exact comparisons) and every position's logits."""
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, type_k=0, type_v=0,
-        n_threads=2, verbose=False, **kw,
-    )
+    llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, type_k=0, type_v=0, n_threads=2, **kw)
     try:
         yield llm
     finally:
@@ -32,7 +29,7 @@ def llama_logits(path: Path | str, ids: list[int]) -> np.ndarray:
 
 
 def llama_tokenize(path: Path | str, text: str, *, add_bos: bool = True) -> list[int]:
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = open_llama(path, vocab_only=True)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
     finally:

@@ -419,11 +419,12 @@ def test_smollm2_hf_loads(smollm2_hf_dir):
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_llama_cpp(smollm2_hf_dir, smollm2_gguf_path, text_samples):
-    llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
+    from edgequant.llamacpp import open_llama
+
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
-    ref = llama_cpp.Llama(model_path=str(smollm2_gguf_path), vocab_only=True, verbose=False)
+    ref = open_llama(smollm2_gguf_path, vocab_only=True)
     text = fixtures.training_text()
     for sample in text_samples + [text[i : i + 1500] for i in range(0, len(text), 25_000)]:
         ours = tok(sample, add_special_tokens=False).input_ids
@@ -433,9 +434,10 @@ def test_smollm2_tokenizer_matches_llama_cpp(smollm2_hf_dir, smollm2_gguf_path, 
 
 @pytest.mark.slow
 def test_smollm2_hf_logits_close_to_llama_cpp(smollm2_hf_dir, smollm2_gguf_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
     from transformers import AutoTokenizer
+
+    from edgequant.llamacpp import open_llama
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
     model, _ = _load(smollm2_hf_dir)
@@ -444,7 +446,7 @@ def test_smollm2_hf_logits_close_to_llama_cpp(smollm2_hf_dir, smollm2_gguf_path)
     )
     ids = tok(text, add_special_tokens=False).input_ids
     ours = _logits(model, ids).numpy()
-    ref = llama_cpp.Llama(model_path=str(smollm2_gguf_path), logits_all=True, n_ctx=256, n_threads=2, verbose=False)
+    ref = open_llama(smollm2_gguf_path, logits_all=True, n_ctx=256, n_threads=2)  # Q4_1: AMX-safe loading
     ref.eval(ids)
     theirs = np.array(ref.scores[: len(ids)])
     corr = min(np.corrcoef(ours[i], theirs[i])[0, 1] for i in range(len(ids)))

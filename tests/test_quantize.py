@@ -19,6 +19,7 @@ from edgequant.quantize import types as qtypes
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
 from edgequant.quantize.imatrix import compute_imatrix
 from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
+from edgequant.llamacpp import open_llama
 from llama_helpers import hf_tokenizer, llama, llama_logits
 
 runner = CliRunner()
@@ -71,7 +72,7 @@ def test_every_type_loads_and_generates(smol, smollm2_hf_dir):
         info = inspect_gguf(r.files[0])
         assert info.file_type == name, (name, info.file_type)
         assert not list(Path(r.files[0]).parent.glob("*.part"))
-        llm = llama_cpp.Llama(model_path=r.files[0], n_ctx=32, n_batch=32, n_threads=2, verbose=False)
+        llm = open_llama(r.files[0], n_ctx=32, n_batch=32, n_threads=2)
         try:
             generated = [t for _, t in zip(range(3), llm.generate(prompt, temp=0.0))]
             n_vocab = llm.n_vocab()
@@ -253,20 +254,19 @@ def test_imatrix_cli_errors(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "i.gguf").exists()
 
 
-def test_llama_quantize_accepts_our_imatrix(tiny_mixtral_dir, tmp_path):
-    """Where llama.cpp's tools are built (LLAMA_CPP_BIN), its own llama-quantize reads our imatrix."""
-    import os
+def test_llama_quantize_accepts_our_imatrix(tiny_mixtral_dir, tmp_path, llama_tools):
+    """llama.cpp's own llama-quantize (built from the same sdist) reads our imatrix."""
     import subprocess
 
-    bin_dir = os.environ.get("LLAMA_CPP_BIN")
-    if not bin_dir or not (Path(bin_dir) / "llama-quantize").exists():
-        pytest.skip("LLAMA_CPP_BIN not set (see docs/quantize.md to build llama.cpp's tools)")
+    bin_dir = llama_tools
     f16 = convert(tiny_mixtral_dir, tmp_path, outtype="f16").files[0]
     im = tmp_path / "im.gguf"
     compute_imatrix(tiny_mixtral_dir, im, ctx=64, chunks=2)
     theirs = tmp_path / "theirs.gguf"
+    from edgequant.llamacpp_tools import tool_env
+
     proc = subprocess.run([str(Path(bin_dir) / "llama-quantize"), "--imatrix", str(im), f16, str(theirs), "IQ2_XS"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=tool_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     (ours,) = quantize(f16, ["IQ2_XS"], tmp_path / "ours", QuantizeOptions(imatrix=im))
     a, b = gguf.GGUFReader(theirs), gguf.GGUFReader(ours.files[0])

@@ -104,19 +104,22 @@ class LlamaCppBackend:
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, ctx: int = 512,
                  flash_attn: bool = True, logits_all: bool = True, n_batch: int | None = None,
                  n_ubatch: int | None = None):
-        import llama_cpp
+        from edgequant.llamacpp import open_llama
 
         self.path = str(path)
         threads = threads or default_threads()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=self.path, n_ctx=ctx, n_batch=n_batch or ctx, n_ubatch=n_ubatch or min(ctx, 512),
+            self.llm = open_llama(
+                self.path, n_ctx=ctx, n_batch=n_batch or ctx, n_ubatch=n_ubatch or min(ctx, 512),
                 logits_all=logits_all, flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=-1 if device == "cuda" else 0, verbose=False,
+                n_gpu_layers=-1 if device == "cuda" else 0,
                 op_offload=device == "cuda",  # a CUDA build would otherwise send big CPU batches to the GPU
             )
         except ValueError as e:
-            raise EdgequantError(f"llama.cpp cannot load {self.path} ({e}); run edgequant inspect on it") from None
+            from edgequant.llamacpp import last_errors
+
+            why = (last_errors() or [str(e)])[-1]
+            raise EdgequantError(f"llama.cpp cannot load {self.path} ({why}); run edgequant inspect on it") from None
         add_bos = bool(self.llm._model.add_bos_token())
         self.info = Loaded("gguf", "llama.cpp", device, self.llm.n_vocab(), add_bos,
                            self.llm.token_bos() if add_bos else None)

@@ -109,6 +109,9 @@ def describe_settings(report: BenchReport) -> str:
         parts.append(f"speed: pp{s['pp']}/tg{s['tg']}, {s['reps']} reps after a warm-up, batch {s['n_batch']}/{s['n_ubatch']}")
     parts.append(f"{report.threads} threads, flash attention {'on' if report.flash_attn else 'off'}")
     parts.append(f"host: {report.host.get('cpu')}" + (f", {report.host['gpu']}" if report.host.get("gpu") else ""))
+    bufs = report.host.get("llama_cpp_buffers")
+    if bufs:
+        parts.append(f"llama.cpp weight repacking {'on' if bufs['repack'] else 'off'} ({bufs['reason']})")
     return "; ".join(parts)
 
 
@@ -189,7 +192,14 @@ JSON_SCHEMA = {
         "flash_attn": {"type": "boolean"},
         "speed_settings": {"type": ["object", "null"]},
         "notes": {"type": "array", "items": {"type": "string"}},
-        "host": {"type": "object"},
+        "host": {"type": "object", "properties": {
+            # how llama.cpp placed the weights on this host (edgequant.llamacpp.RepackPolicy, docs/cpu.md)
+            "llama_cpp_buffers": {"type": "object", "required": ["repack", "mode", "reason", "amx_cpu", "amx_active"],
+                                  "properties": {"repack": {"type": "boolean"}, "mode": {"enum": ["auto", "on", "off"]},
+                                                 "reason": {"type": "string"}, "amx_cpu": {"type": "boolean"},
+                                                 "amx_active": {"type": ["boolean", "null"]},
+                                                 "extra_buffers": {"type": ["array", "null"], "items": {"type": "string"}}}},
+        }},
         "versions": {"type": "object"},
         "seconds": {"type": "number"},
         "rows": {"type": "array", "items": {

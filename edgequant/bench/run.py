@@ -176,8 +176,11 @@ def host_info() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001
         gpu = None
+    from edgequant.llamacpp import repack_policy
+
     return {"cpu": cpu, "cores": os.cpu_count(), "physical_cores": default_threads(), "gpu": gpu,
-            "os": platform.platform(), "python": platform.python_version()}
+            "os": platform.platform(), "python": platform.python_version(),
+            "llama_cpp_buffers": repack_policy().to_dict()}
 
 
 def versions() -> dict:

@@ -267,7 +267,11 @@ def _bench(run: _Run, r: Recipe, base_file: Path, base_key: str, gguf_keys: dict
 
     out = run.out
     b = r.bench
-    settings = {**b.to_dict(), "devices": list(r.devices), "text_sha256": text.sha256}
+    from edgequant.llamacpp import repack_policy
+
+    # the kernels (weight repacking on or off, docs/cpu.md) change the numbers: a bench made under the other policy is redone
+    settings = {**b.to_dict(), "devices": list(r.devices), "text_sha256": text.sha256,
+                **({} if repack_policy().repack else {"repack": False})}
     models = {"base": (base_file, base_key)}
     for art, key in gguf_keys.items():
         models[art] = (out / run.st.data["artifacts"][art]["paths"][0], key)

@@ -20,10 +20,11 @@ CONVERSATIONS = {
 
 def _gguf_formatter(path: Path):
     """The formatter llama-cpp-python builds from a GGUF's metadata when no chat_format is given."""
-    import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    from edgequant.llamacpp import open_llama
+
+    llm = open_llama(path, vocab_only=True)
     try:
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
