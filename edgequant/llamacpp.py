@@ -237,6 +237,7 @@ def install_log_handler() -> None:
     import llama_cpp
 
     if _log_state["callback"] is not None:
+        llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
         return
 
     @llama_cpp.llama_log_callback
@@ -267,7 +268,6 @@ def open_llama(path: str | Path, **kwargs):
     _log_state["errors"].clear()
     with _model_params(policy.repack):
         llm = llama_cpp.Llama(model_path=str(path), **kwargs)
-    install_log_handler()
     return llm
 
 

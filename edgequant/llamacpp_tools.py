@@ -166,11 +166,13 @@ def runtime_lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
-def tool_env(*, same_library: bool = True) -> dict[str, str]:
-    """The environment to run a tool in: on llama-cpp-python's libraries unless ``same_library`` is off."""
+def tool_env(*, same_library: bool = True, tools: Path | None = None) -> dict[str, str]:
+    """The environment to run a tool in: on llama-cpp-python's libllama/libggml* unless ``same_library``
+    is off; the tools' own libraries (libllama-common, the tools' *-impl) from their folder."""
     env = dict(os.environ)
-    if same_library:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(runtime_lib_dir()), env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    dirs = [str(runtime_lib_dir())] if same_library else []
+    dirs.append(str(tools or bin_dir()))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*dirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     return env
 
 
@@ -215,10 +217,10 @@ def parse_perplexity(output: str) -> dict:
 
 def run_tool(tool: str, *args: str, same_library: bool = True, timeout: float | None = 1800) -> str:
     """Run one of the tools with edgequant's buffer policy; its whole output (stdout + stderr) as text."""
-    exe = bin_dir() / tool
-    cmd = [str(exe), *args, *repack_args(tool)]
+    tools = bin_dir()
+    cmd = [str(tools / tool), *args, *repack_args(tool)]
     proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                          env=tool_env(same_library=same_library), timeout=timeout)
+                          env=tool_env(same_library=same_library, tools=tools), timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
         raise EdgequantError(f"{' '.join(cmd)} exited with {proc.returncode}: {tail}")

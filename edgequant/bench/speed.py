@@ -269,6 +269,9 @@ def _isolated(path: str | Path, kwargs: dict) -> SpeedResult:
 
     cmd = [sys.executable, "-m", "edgequant.bench.speed", str(path), json.dumps(kwargs)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:  # killed by a signal: a crash inside llama.cpp or torch, not a bad input
+        raise EdgequantError(f"speed test of {Path(path).name} crashed (signal {-proc.returncode}); if llama.cpp "
+                             f"crashed on this CPU, retry with --repack off (docs/cpu.md)")
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgequantError(f"speed test of {Path(path).name} failed ({tail})")

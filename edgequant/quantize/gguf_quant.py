@@ -126,9 +126,9 @@ def _captured_llama_log(on_line) -> Iterator[None]:
     try:
         yield
     finally:
-        from llama_cpp import _logger  # llama-cpp-python's own callback (prints only when verbose)
+        from edgequant.llamacpp import install_log_handler  # edgequant's handler (prints only when verbose)
 
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        install_log_handler()
 
 
 # -- params ------------------------------------------------------------------------------------------
