@@ -31,6 +31,14 @@ RepackOpt = typer.Option(None, "--repack", envvar="EDGEQUANT_REPACK", show_envva
                          help="llama.cpp weight repacking: auto (off only where ggml's AMX backend is active, "
                               "llama.cpp #20824), on, off. docs/cpu.md.")
 VerboseOpt = typer.Option(False, "--verbose", help="Show llama.cpp's own log lines.")
+TrustOpt = typer.Option(False, "--trust-remote-code",
+                        help="Allow the model folder's own Python code (auto_map); never run without this flag.")
+
+
+def _trust(trust: bool) -> None:
+    from edgequant.remote_code import set_trust_remote_code
+
+    set_trust_remote_code(trust)
 
 
 def _llama_options(repack: str | None, verbose: bool) -> None:
@@ -115,9 +123,11 @@ def convert(
     split_max_tensors: int = typer.Option(0, "--split-max-tensors", help="Split into shards of at most this many tensors."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name for metadata and the file name."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Convert a Hugging Face checkpoint into GGUF (tokenizer and chat template embedded)."""
+    _trust(trust_remote_code)
     from edgequant.export.convert import convert as do_convert
 
     result = _run(
@@ -205,9 +215,11 @@ def imatrix(
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output."),
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Compute an importance matrix (llama.cpp's GGUF format) by running the model on calibration text."""
+    _trust(trust_remote_code)
     from edgequant.quantize.imatrix import compute_imatrix
 
     r = _run(lambda: compute_imatrix(source, output, text=calibration, ctx=ctx, chunks=chunks, device=device, force=force), as_json)
@@ -241,9 +253,11 @@ def bench(
     json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of the --json report and exit."),
     repack: Optional[str] = RepackOpt,
     verbose: bool = VerboseOpt,
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity, KL divergence and tokens/sec of GGUF files and HF/GPTQ folders, as llama.cpp's tools measure them."""
+    _trust(trust_remote_code)
     _llama_options(repack, verbose)
     from edgequant.atomic import write_text
     from edgequant.bench import report as rep
@@ -314,9 +328,11 @@ def gptq(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     batch_size: int = typer.Option(1, "--batch-size", help="Calibration samples per forward pass."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output folders."),
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """GPTQ-quantize an HF model (GPTQModel backend) into v1 GPTQ checkpoints that transformers and vLLM load."""
+    _trust(trust_remote_code)
     from edgequant.quantize.gptq import GPTQOptions, gptq as do_gptq
 
     opts = GPTQOptions(group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
@@ -437,6 +453,7 @@ def release(
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe as TOML and exit (no work)."),
     repack: Optional[str] = RepackOpt,
     verbose: bool = VerboseOpt,
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Make every artifact of a release (GGUF types, imatrix, GPTQ, bench, model card, Modelfile, manifest) from a recipe.
@@ -444,6 +461,7 @@ def release(
     Every recipe key is also a flag (--gguf Q8_0 --gguf Q2_K:imatrix --gptq 4:64 --bench-chunks 8 ...; docs/recipe.md).
     Exit status: 0 done, 2 bad recipe or input, 3 a quality gate failed, 130 interrupted.
     """
+    _trust(trust_remote_code)
     from edgequant.release.pipeline import release as do_release, release_merge
     from edgequant.release.recipe import load_recipe, recipe_from_options
 

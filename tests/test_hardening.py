@@ -40,3 +40,75 @@ def test_model_text_is_printed_literally_never_as_markup(tiny_mistral_dir, tmp_p
     assert MARKUP in flat  # the template, verbatim
     info = json.loads(runner.invoke(app, ["inspect", str(gguf), "--json"]).stdout)
     assert "[b]x[/b]" in str(info["name"]) and "[b]x[/b]" in flat  # the table cell, brackets kept
+
+
+# --- code from a model folder never runs without --trust-remote-code ---------------------------
+
+_EVIL = """
+import pathlib
+pathlib.Path(MARKER_DIR, "RAN-" + __name__.rsplit(".", 1)[-1]).write_text("model-folder code ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _folder_asking_for_code(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code = _EVIL.replace("MARKER_DIR", repr(str(dst)))  # transformers imports a copy from its cache: mark here
+    (dst / "tokenization_evil.py").write_text(code)
+    (dst / "modeling_evil.py").write_text(code.replace("EvilTokenizer", "EvilForCausalLM"))
+    return dst
+
+
+def _cli(args, **kw):
+    import subprocess
+    import sys
+
+    # a real process with no stdin: a transformers prompt would wait for it (15 s) and print on stdout
+    return subprocess.run([sys.executable, "-m", "edgequant", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600, **kw)
+
+
+def test_model_folder_code_never_runs_and_is_named(tiny_llama_dir, tmp_path):
+    folder = _folder_asking_for_code(tiny_llama_dir, tmp_path / "asks")
+    runs = {
+        "convert": ["convert", str(folder), "-o", str(tmp_path / "c"), "--json"],
+        "bench": ["bench", str(folder), "--quality-only", "--ctx", "64", "--chunks", "2", "--threads", "2", "--json"],
+        "imatrix": ["imatrix", str(folder), "-o", str(tmp_path / "im.gguf"), "--ctx", "64", "--chunks", "1", "--json"],
+    }
+    for name, args in runs.items():
+        r = _cli(args)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        json.loads(r.stdout)  # nothing but the JSON on stdout: no prompt
+        assert "asks to run its own code" in r.stderr and "tokenization_evil.EvilTokenizer" in r.stderr, (name, r.stderr)
+        assert "--trust-remote-code" in r.stderr
+        assert not list(folder.glob("RAN-*")), f"{name} ran the folder's code"
+
+
+def test_folder_that_only_loads_with_its_code_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    folder = _folder_asking_for_code(tiny_llama_dir, tmp_path / "custom")
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["tokenizer_class"] = "EvilTokenizer"  # no built-in class of that name: only the folder's code can load it
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["auto_map"]  # the model itself is a built-in class
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = _cli(["bench", str(folder), "--quality-only", "--ctx", "64", "--chunks", "2", "--threads", "2"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "needs its own code to load" in r.stderr and "--trust-remote-code" in r.stderr
+    assert "Traceback" not in r.stderr and not list(folder.glob("RAN-*"))
+    ok = _cli(["bench", str(folder), "--quality-only", "--ctx", "64", "--chunks", "2", "--threads", "2",
+               "--trust-remote-code", "--json"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert list(folder.glob("RAN-*"))  # with the flag, the folder's code is what loaded it

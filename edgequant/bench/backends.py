@@ -155,7 +155,10 @@ class TorchBackend:
         with _quiet_transformers():
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            from edgequant.remote_code import load_kwargs, refused
+
+            with refused(self.path):
+                self.tokenizer = AutoTokenizer.from_pretrained(self.path, **load_kwargs(self.path))
             if kind == "gptq":
                 from edgequant.quantize.gptq import load_gptq_model
 
@@ -166,7 +169,9 @@ class TorchBackend:
                 # float32 on CPU: bf16 arithmetic would put its own rounding into a reference;
                 # on CUDA the checkpoint's dtype (what people run there).
                 dtype = torch.float32 if device == "cpu" else "auto"
-                self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+                with refused(self.path):
+                    self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype,
+                                                                      **load_kwargs(self.path)).to(self.device)
         self.model.eval()
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a", add_special_tokens=True).input_ids

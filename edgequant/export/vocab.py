@@ -228,9 +228,14 @@ def _resolve_add_bos_eos(ckpt: Checkpoint, tok_cfg: dict[str, Any], vocab: Vocab
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(ckpt.path))
+        from edgequant.remote_code import load_kwargs, refused
+
+        with refused(ckpt.path):
+            tok = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
         plain = tok.encode("Hello world", add_special_tokens=False)
         full = tok.encode("Hello world", add_special_tokens=True)
+    except EdgequantError:
+        raise
     except Exception as e:  # fall back to the declared flags
         vocab.notes.append(f"could not load the HF tokenizer ({type(e).__name__}: {e}); BOS/EOS flags taken from tokenizer_config.json")
         vocab.add_bos = bool(tok_cfg.get("add_bos_token", vocab.model == "llama"))

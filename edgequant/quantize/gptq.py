@@ -197,7 +197,10 @@ class GPTQModelBackend:
             )
             _seed_everything(spec.seed)
             try:
-                model = GPTQModel.load(str(source), qc, device=spec.device)
+                from edgequant.remote_code import load_kwargs, refused
+
+                with refused(source):
+                    model = GPTQModel.load(str(source), qc, device=spec.device, **load_kwargs(source))
             except (ValueError, TypeError, NotImplementedError, KeyError) as e:
                 raise EdgequantError(f"GPTQModel cannot load {source} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                      "is it a causal LM architecture GPTQModel supports?") from None
@@ -423,7 +426,10 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     corpus = load_text(opts.calibration)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+    from edgequant.remote_code import load_kwargs, refused
+
+    with refused(ckpt.path):
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
     windows = calibration_windows(tokenizer, corpus.text, opts.samples, opts.seq_len, opts.seed)
     backend = opts.backend or GPTQModelBackend()
     n_layers = len({int(m.group(1)) for n in ckpt.tensors if (m := re.match(r"^model\.layers\.(\d+)\.", n))})
@@ -560,7 +566,10 @@ def load_gptq_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype 
 
         if not is_optimum_available():
             raise EdgequantError("loading GPTQ checkpoints in transformers needs optimum: pip install optimum")
-        config = AutoConfig.from_pretrained(str(folder))
+        from edgequant.remote_code import load_kwargs, refused
+
+        with refused(folder):
+            config = AutoConfig.from_pretrained(str(folder), **load_kwargs(folder))
         try:
             cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         except KeyError:
@@ -576,6 +585,7 @@ def load_gptq_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype 
             _PerExpert.__name__ = _PerExpert.__qualname__ = base.__name__
             cls = _PerExpert
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        kwargs.update(load_kwargs(folder))
         model, info = cls.from_pretrained(str(folder), device_map={"": dev}, output_loading_info=True, **kwargs)
     problems = [(k, info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")]
     problems = [(k, sorted(map(str, v))) for k, v in problems if v]

@@ -145,13 +145,17 @@ def compute_imatrix(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(ckpt.path))
+    from edgequant.remote_code import load_kwargs, refused
+
+    with refused(ckpt.path):
+        tok = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
     ids = tok(corpus.text, add_special_tokens=True, verbose=False).input_ids
     bos = tok.bos_token_id if (tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id) else None
     batches = chunk_ids(ids, ctx, chunks, bos)
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype).to(dev).eval()
+    with refused(ckpt.path):
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, **load_kwargs(ckpt.path)).to(dev).eval()
     col = _Collector()
     handles = []
     n_expert = int(ckpt.config.get("num_local_experts") or 0)

@@ -131,7 +131,10 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
     out = run.out
     (out / "manifest.json").unlink(missing_ok=True)  # written last: never describes a half-made release
     versions = tool_versions()
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+    from edgequant.remote_code import load_kwargs, refused
+
+    with refused(ckpt.path):
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
     cal_text = load_text(r.text_source("calibration")) if r.gptq else None
     im_text = load_text(r.text_source("imatrix")) if r.needs_imatrix else None
     bench_text = load_text(r.text_source("bench"))
