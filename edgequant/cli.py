@@ -451,6 +451,7 @@ def release(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (overrides the recipe's)."),
     only: list[str] = typer.Option([], "--only", help="Make only these artifacts (a CI matrix shard); repeatable or comma-separated."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe as TOML and exit (no work)."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that holds other files or a hand-edited card, replacing files with the release's names."),
     repack: Optional[str] = RepackOpt,
     verbose: bool = VerboseOpt,
     trust_remote_code: bool = TrustOpt,
@@ -472,7 +473,7 @@ def release(
     if target == "merge":
         if output is None:
             _fail("release merge: pass -o OUTPUT_FOLDER")
-        result = _run(lambda: release_merge(list(ctx.args), output, log=log), as_json)
+        result = _run(lambda: release_merge(list(ctx.args), output, log=log, force=force), as_json)
         return _print_release(result, as_json)
 
     def load():
@@ -501,7 +502,7 @@ def release(
 
     def work():
         try:
-            return do_release(recipe, log=log, command=command)
+            return do_release(recipe, log=log, command=command, force=force)
         except GateFailed as e:  # the summary still goes out (CI reads it), then exit status 3
             if getattr(e, "result", None) is not None:
                 _print_release(e.result, as_json)

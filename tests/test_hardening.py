@@ -112,3 +112,28 @@ def test_folder_that_only_loads_with_its_code_is_refused_in_one_line(tiny_llama_
                "--trust-remote-code", "--json"])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert list(folder.glob("RAN-*"))  # with the flag, the folder's code is what loaded it
+
+
+# --- a release never replaces the user's files --------------------------------------------------
+
+def test_release_refuses_to_write_over_the_source_or_foreign_files(tiny_mistral_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_mistral_dir, src)
+    (src / "README.md").write_text("the source's own model card\n")
+    before = sorted(p.name for p in src.iterdir())
+    for output, expect in ((src, "is the source folder"), (src / "dist", "inside the source folder")):
+        r = runner.invoke(app, ["release", str(src), "--gguf", "Q8_0", "-o", str(output)])
+        assert r.exit_code == 2 and expect in " ".join(r.stderr.split()), r.output
+    assert sorted(p.name for p in src.iterdir()) == before and (src / "README.md").read_text() == "the source's own model card\n"
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "README.md").write_text("my notes\n")
+    r = runner.invoke(app, ["release", str(src), "--gguf", "Q8_0", "-o", str(foreign)])
+    msg = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "already holds files (README.md) and no edgequant release" in msg and "--force" in msg
+    assert sorted(p.name for p in foreign.iterdir()) == ["README.md"]
+    r = runner.invoke(app, ["release", "merge", str(tmp_path / "x" / "manifest.json"), "-o", str(foreign)])
+    assert r.exit_code == 2 and "already holds files" in " ".join(r.stderr.split())

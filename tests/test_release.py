@@ -85,6 +85,16 @@ def test_release_redoes_only_what_changed(tiny_mistral_dir, tmp_path):
     assert set(release(load_recipe(path)).made) == {"Q4_K_M", "bench"}  # a quant option: that file and its row
     check_manifest(out)
 
+    card = out / "README.md"  # a card edited by hand is not replaced silently
+    card.write_text(card.read_text() + "\nMy own notes.\n")
+    res = runner.invoke(app, ["release", str(path)])
+    assert res.exit_code == 2 and "was edited since edgequant wrote it" in " ".join(res.stderr.split())
+    assert "My own notes." in card.read_text()
+    res = runner.invoke(app, ["release", str(path), "--force"])
+    assert res.exit_code == 0, res.output
+    assert "My own notes." not in card.read_text()
+    check_manifest(out)
+
 
 def test_killed_release_finishes_on_rerun(tiny_mistral_dir, tmp_path):
     out = tmp_path / "dist"

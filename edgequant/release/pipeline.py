@@ -105,12 +105,58 @@ class _Run:
         t["skipped"] = t["skipped"] and skipped
 
 
-def release(recipe: Recipe, *, log: Log | None = None, command: str | None = None) -> ReleaseResult:
-    """Run ``recipe`` (validated already by ``load_recipe``/``recipe_from_options``) into its output folder."""
+def _guard_output(out: Path, *, source: Path | None, force: bool) -> None:
+    """Never write a release where it would replace what the user has: the source folder (its
+    README.md would become the card), a folder of other files, or a card/Modelfile edited by hand.
+    A folder that holds an edgequant release (its ``.edgequant`` state) is the release's to update."""
+    check_output_folder(out)
+    target = out.resolve()
+    if source is not None and source.is_dir():
+        src = source.resolve()
+        if target == src or src in target.parents:
+            raise EdgequantError(f"output {out} is {'the source folder' if target == src else 'inside the source folder'} "
+                                 f"{source}: the release would write its README.md and model files among the source's; "
+                                 f"choose another output folder")
+    if force or not out.is_dir():
+        return
+    entries = [p.name for p in out.iterdir()]
+    manifest = out / "manifest.json"
+    if entries and STATE_DIR not in entries and not _is_manifest(manifest):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise EdgequantError(f"{out} already holds files ({shown}) and no edgequant release; choose a new or empty "
+                             f"folder, or pass --force to write into it (files with the release's names are replaced)")
+    if not manifest.is_file():
+        return
+    from edgequant.release.state import sha256_file
+
+    try:
+        recorded = {a["path"]: a.get("sha256") for a in json.loads(manifest.read_text()).get("artifacts", [])
+                    if a.get("kind") in ("card", "modelfile")}
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return
+    for name, sha in recorded.items():
+        p = out / name
+        if p.is_file() and sha and sha256_file(p) != sha:
+            raise EdgequantError(f"{p} was edited since edgequant wrote it; move it away (or pass --force to "
+                                 f"replace it with the new {'model card' if name == 'README.md' else name})")
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("schema") == MANIFEST_SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def release(recipe: Recipe, *, log: Log | None = None, command: str | None = None, force: bool = False) -> ReleaseResult:
+    """Run ``recipe`` (validated already by ``load_recipe``/``recipe_from_options``) into its output folder.
+
+    ``force``: write into a folder that holds other files (or a hand-edited card), replacing files
+    with the release's names."""
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     out = recipe.output_dir
-    check_output_folder(out)
+    _guard_output(out, source=Path(recipe.source_ref) if recipe.source_is_local else None, force=force)
     out.mkdir(parents=True, exist_ok=True)
     with Stages(out).locked() as stages:
         run = _Run(recipe, stages, log)
@@ -492,7 +538,8 @@ def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> N
 # -- merging the manifests of a CI matrix -----------------------------------------------------------------
 
 
-def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log | None = None) -> ReleaseResult:
+def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log | None = None,
+                  force: bool = False) -> ReleaseResult:
     """Combine the folders of ``release --only`` shards (each with its manifest.json) into one release.
 
     Every artifact file is checked against its shard's recorded sha256 and copied (hard-linked when
@@ -503,7 +550,7 @@ def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log |
     if not manifests:
         raise EdgequantError("release merge: name the manifest.json of each shard (e.g. parts/*/manifest.json)")
     out = Path(output)
-    check_output_folder(out)
+    _guard_output(out, source=None, force=force)
     loaded = []
     for m in manifests:
         p = Path(m)
