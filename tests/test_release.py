@@ -85,6 +85,17 @@ def test_release_redoes_only_what_changed(tiny_mistral_dir, tmp_path):
     assert set(release(load_recipe(path)).made) == {"Q4_K_M", "bench"}  # a quant option: that file and its row
     check_manifest(out)
 
+    q8 = out / "Tiny-Q8_0.gguf"  # changed in place, size kept and mtime set back: still noticed, remade
+    st = q8.stat()
+    with open(q8, "r+b") as f:
+        f.seek(st.st_size - 16)
+        tail = f.read(16)
+        f.seek(st.st_size - 16)
+        f.write(bytes(b ^ 0x5A for b in tail))
+    os.utime(q8, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert set(release(load_recipe(path)).made) == {"Q8_0", "bench"}
+    check_manifest(out)  # the published sha256 are the files' own
+
     card = out / "README.md"  # a card edited by hand is not replaced silently
     card.write_text(card.read_text() + "\nMy own notes.\n")
     res = runner.invoke(app, ["release", str(path)])

@@ -4,7 +4,8 @@ Each artifact is made by one stage whose inputs are hashed into a key (the sourc
 options, the keys of the artifacts it is made from, the text it reads, the tool versions). The
 record in ``<output>/.edgequant/state.json`` keeps, per artifact, that key and the size, mtime and
 sha256 of every file it wrote. A stage is skipped when its key is unchanged and its files are as
-recorded (size and mtime, else a fresh sha256); anything else — a changed option, an input made
+recorded (size, mtime, ctime and inode, else a fresh sha256: a file rewritten in place with its
+mtime set back still has a new ctime, which no user can set back); anything else — a changed option, an input made
 anew, a deleted or edited file — redoes it, and everything downstream whose key includes it.
 
 A lock (flock on ``.edgequant/lock``) keeps two releases out of one folder; ``*.part`` files and folders left by a run that
@@ -52,6 +53,14 @@ def combined_sha256(file_hashes: dict[str, str]) -> str:
     """One hash for a multi-file artifact: sha256 of its sorted ``relpath  sha256`` lines."""
     lines = "".join(f"{k}  {v}\n" for k, v in sorted(file_hashes.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+_SIGNATURE = ("mtime_ns", "ctime_ns", "ino")
+
+
+def _signature(st: os.stat_result) -> dict:
+    """What changes whenever a file's content may have: mtime can be set back, ctime and the inode cannot."""
+    return {"mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
 
 
 class Stages:
@@ -122,10 +131,10 @@ class Stages:
                 return None
             if st.st_size != meta["size"]:
                 return None
-            if st.st_mtime_ns != meta["mtime_ns"]:
+            if _signature(st) != {k: meta.get(k) for k in _SIGNATURE}:
                 if sha256_file(p) != meta["sha256"]:
                     return None
-                meta["mtime_ns"] = st.st_mtime_ns  # touched, not changed: remember, so it is hashed once
+                meta.update(_signature(st))  # touched, not changed: remember, so it is hashed once
                 self.save()
         return rec
 
@@ -149,7 +158,7 @@ class Stages:
         for top in paths:
             for f in artifact_files(top):
                 st = f.stat()
-                files[str(f.relative_to(self.root))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(f)}
+                files[str(f.relative_to(self.root))] = {"size": st.st_size, **_signature(st), "sha256": sha256_file(f)}
         rec = {"key": key, "paths": [str(p.relative_to(self.root)) for p in paths], "files": files, "result": result}
         self.data["artifacts"][artifact] = rec
         self.save()
