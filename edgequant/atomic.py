@@ -3,6 +3,10 @@
 A crash, a full disk or Ctrl-C never leaves a half-written file under a final
 name: the ``.part`` files are removed on any exception (KeyboardInterrupt
 included) and only renamed once everything was written.
+
+Each write has ``.part`` names of its own (``NAME.<pid>-<random>.part``) and holds a lock on the
+output folder (an ``flock`` on the folder itself, dropped by the kernel if the process dies), so
+two edgequant processes writing into one folder never mix their files: the second is told so.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,7 +24,47 @@ PART_SUFFIX = ".part"
 
 
 def part_path(final: Path) -> Path:
-    return final.with_name(final.name + PART_SUFFIX)
+    """A temporary name beside ``final`` that no other write (this process or another) uses."""
+    return final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+_held: dict[str, list] = {}  # folder -> [fd, depth]: this process's folder locks (re-entrant)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One edgequant process writing into ``folder`` at a time (re-entrant within a process)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgequantError(f"another edgequant process is writing into {folder}; wait for it to finish "
+                                 f"or choose another -o") from None
+        _held[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _held[key]
+    finally:
+        os.close(fd)
 
 
 def check_writable(finals: Sequence[Path], *, force: bool) -> None:
@@ -48,21 +93,27 @@ def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 1.02
 
 @contextlib.contextmanager
 def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
-    """Yield ``.part`` paths for ``finals``; rename them all on success, delete them on failure."""
+    """Yield ``.part`` paths for ``finals`` (unique to this write, under the folder's lock); rename
+    them all on success, delete them on failure."""
     parts = [part_path(p) for p in finals]
-    for p in parts:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield parts
-    except BaseException:
-        for p in parts:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        raise
-    for p, final in zip(parts, finals):
-        if not p.exists():
-            raise RuntimeError(f"internal error: {p} was not written")
-        os.replace(p, final)
+    with contextlib.ExitStack() as locks:
+        for folder in dict.fromkeys(p.parent for p in parts):
+            locks.enter_context(folder_lock(folder))
+        for final in finals:  # under the lock no other process writes here: what is left is a killed run's
+            for stale in final.parent.glob(f"{glob_escape(final.name)}.*{PART_SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    stale.unlink()
+        try:
+            yield parts
+        except BaseException:
+            for p in parts:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            raise
+        for p, final in zip(parts, finals):
+            if not p.exists():
+                raise RuntimeError(f"internal error: {p} was not written")
+            os.replace(p, final)
 
 
 

@@ -137,3 +137,28 @@ def test_release_refuses_to_write_over_the_source_or_foreign_files(tiny_mistral_
     assert sorted(p.name for p in foreign.iterdir()) == ["README.md"]
     r = runner.invoke(app, ["release", "merge", str(tmp_path / "x" / "manifest.json"), "-o", str(foreign)])
     assert r.exit_code == 2 and "already holds files" in " ".join(r.stderr.split())
+
+
+# --- two writers into one folder never mix their files -----------------------------------------
+
+def test_one_writer_per_output_folder_with_its_own_part_names(tiny_llama_dir, tmp_path):
+    from edgequant.atomic import folder_lock, part_path
+
+    out = tmp_path / "out"
+    a, b = part_path(out / "x.gguf"), part_path(out / "x.gguf")
+    assert a != b and a.name.endswith(".part") and a.name.startswith("x.gguf.")
+    with folder_lock(out):  # another process is writing here
+        r = _cli(["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "f16"])
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "another edgequant process is writing into" in r.stderr and "Traceback" not in r.stderr
+        assert list(out.iterdir()) == []
+        with folder_lock(out):  # re-entrant within one process
+            pass
+    r = _cli(["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "f16", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (made,) = json.loads(r.stdout)["files"]
+    name = made.rsplit("/", 1)[-1]
+    (out / f"{name}.4242-deadbeef.part").write_bytes(b"left by a killed run")
+    r = _cli(["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "f16", "--force"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [name]  # the killed run's .part is gone

@@ -65,11 +65,15 @@ def choose_types(plan: list[PlannedTensor], ftype: F) -> list[TensorChoice]:
 class _StreamingWriter(gguf.GGUFWriter):
     """GGUFWriter whose shards are opened as ``.part`` files and whose tensors arrive in chunks."""
 
+    parts: list[Path] | None = None  # the write's own .part names (from atomic_outputs), one per shard
+
     def final_names(self, path: Path) -> list[Path]:
         return gguf.GGUFWriter.format_shard_names(self, path)
 
     def format_shard_names(self, path: Path) -> list[Path]:
-        return [part_path(p) for p in self.final_names(path)]
+        if self.parts is None:
+            self.parts = [part_path(p) for p in self.final_names(path)]
+        return self.parts
 
     def print_plan(self) -> list[Path]:  # the base class logs and may exit() on dry runs
         assert self.path is not None
@@ -113,7 +117,8 @@ def write_gguf(
     check_writable(finals, force=force)
     total = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in choices)
     check_free_space(final_path.parent, total + 64 * 1024 * 1024)
-    with atomic_outputs(finals):
+    with atomic_outputs(finals) as parts:
+        w.parts = parts
         try:
             w.open_output_file(final_path)
             w.write_header_to_file()

@@ -27,7 +27,7 @@ from typing import Iterator
 import gguf
 import llama_cpp
 
-from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable
+from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, folder_lock
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf, shard_paths
 from edgequant.progress import progress_count
@@ -302,19 +302,21 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _Na
         if opts.keep_split:
             finals = _split_finals(final, len(info.files))  # checked for existing files in quantize()
             staging = final.parent / f".{final.name}.part.d"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            try:
-                with _captured_llama_log(on_line):
-                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(staging / final.name).encode(), ctypes.byref(params))
-                _check_rc(rc, t, errors)
-                produced = sorted(staging.glob("*.gguf"))
-                if len(produced) != len(finals):
-                    raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
-                for p, f in zip(produced, finals):
-                    os.replace(p, f)
-            finally:
+            with folder_lock(final.parent):  # one writer per folder: the staging name is this folder's alone
                 shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                try:
+                    with _captured_llama_log(on_line):
+                        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(staging / final.name).encode(),
+                                                            ctypes.byref(params))
+                    _check_rc(rc, t, errors)
+                    produced = sorted(staging.glob("*.gguf"))
+                    if len(produced) != len(finals):
+                        raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
+                    for p, f in zip(produced, finals):
+                        os.replace(p, f)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
             files = finals
         else:
             with atomic_outputs([final]) as (part,):

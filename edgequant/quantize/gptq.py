@@ -39,7 +39,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 
-from edgequant.atomic import check_output_folder, check_writable  # noqa: E402
+from edgequant.atomic import check_output_folder, check_writable, folder_lock  # noqa: E402
 from edgequant.bench.text import load_text  # noqa: E402
 from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint  # noqa: E402
 from edgequant.errors import EdgequantError  # noqa: E402
@@ -436,6 +436,13 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     n_params = _n_params(ckpt)
     notes = [note] if note else []
 
+    with folder_lock(out_dir):  # one writer per folder: the <folder>.part names are this run's alone
+        results = _quantize_each(bit_list, finals, group_size, opts, ckpt, corpus, windows, backend, n_layers, n_params, notes)
+    return results
+
+
+def _quantize_each(bit_list, finals, group_size, opts, ckpt, corpus, windows, backend, n_layers, n_params, notes):
+    """Each bit width into ``<folder>.part/``, then renamed (the caller holds the folder's lock)."""
     results = []
     for b, final in zip(bit_list, finals):
         spec = GPTQSpec(bits=b, group_size=group_size, desc_act=opts.desc_act, sym=opts.sym, damp_percent=opts.damp_percent,
