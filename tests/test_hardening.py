@@ -162,3 +162,32 @@ def test_one_writer_per_output_folder_with_its_own_part_names(tiny_llama_dir, tm
     r = _cli(["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "f16", "--force"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [name]  # the killed run's .part is gone
+
+
+# --- what a release publishes names no local folder ----------------------------------------------
+
+def test_card_and_manifest_publish_no_local_paths(tiny_mistral_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "work" / "my-finetune"
+    shutil.copytree(tiny_mistral_dir, src)
+    text = tmp_path / "work" / "eval.txt"
+    from edgequant.bench.text import builtin_text
+
+    text.write_text(builtin_text()[:60_000])
+    out = tmp_path / "work" / "dist"
+    r = runner.invoke(app, ["release", str(src), "--gguf", "Q8_0", "-o", str(out), "--bench-speed", "false",
+                            "--bench-ctx", "64", "--bench-chunks", "2", "--bench-text", str(text), "--json"])
+    assert r.exit_code == 0, r.output
+    local = str(tmp_path)
+    for name in ("README.md", "manifest.json", "bench.json", "bench.md", "Modelfile"):
+        body = (out / name).read_text()
+        assert local not in body, (name, [line for line in body.splitlines() if local in line][:3])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"]["path"] == "my-finetune" and m["recipe"]["release"]["output"] == "."
+    assert m["bench"]["text"] == "eval.txt"
+    from edgequant.release.pipeline import public_command
+
+    cmd = public_command(f"edgequant release {src} -o {out} --gguf Q8_0 --bench-text {text}", out)
+    assert cmd == "edgequant release my-finetune -o . --gguf Q8_0 --bench-text eval.txt"
+    assert public_command("edgequant release org/model --gguf Q8_0", out) == "edgequant release org/model --gguf Q8_0"

@@ -141,6 +141,55 @@ def _guard_output(out: Path, *, source: Path | None, force: bool) -> None:
                                  f"replace it with the new {'model card' if name == 'README.md' else name})")
 
 
+def public_path(value: str | None, out: Path, base: Path | None = None) -> str | None:
+    """How a local path appears in what a release publishes (card, manifest): relative to the release
+    folder when inside it, else only its name. A hub id or a bare word stays as it is."""
+    if not value:
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        if base is None or not (base / p).exists():
+            return value
+        p = base / p
+    p = p.resolve()
+    try:
+        return p.relative_to(out.resolve()).as_posix() or "."
+    except ValueError:
+        return p.name
+
+
+def public_command(command: str | None, out: Path) -> str | None:
+    """The command line with its local paths made public (``public_path``)."""
+    import shlex
+
+    if not command:
+        return command
+    words = []
+    for w in shlex.split(command):
+        if w.startswith("-") or not (os.path.isabs(w) or os.path.exists(w)):
+            words.append(w)
+        else:
+            words.append(public_path(w, out, Path.cwd()))
+    return shlex.join(words)
+
+
+def _public_recipe(recipe: dict, out: Path, base: Path) -> dict:
+    """The recipe as published: its paths (source, output, template, texts) without local folders."""
+    d = json.loads(json.dumps(recipe))
+    rel = d.get("release") or {}
+    for key in ("source", "output", "chat_template"):
+        if isinstance(rel.get(key), str):
+            rel[key] = public_path(rel[key], out, base)
+    for table in d.values():
+        if isinstance(table, dict) and isinstance(table.get("text"), str):
+            table["text"] = public_path(table["text"], out, base)
+    return d
+
+
+def _public_text(text: dict | None, out: Path) -> dict | None:
+    return {**text, "name": public_path(text.get("name"), out)} if text else text
+
+
 def _is_manifest(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("schema") == MANIFEST_SCHEMA
@@ -436,16 +485,16 @@ def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows
         "schema": MANIFEST_SCHEMA,
         "name": r.name,
         "created": made_at,
-        "command": command,
-        "recipe": r.to_dict(),
-        "source": {"path": r.source, "fingerprint": fingerprint, "architecture": ckpt.hf_architecture,
+        "command": public_command(command, run.out),
+        "recipe": _public_recipe(r.to_dict(), run.out, Path(r.base_dir)),
+        "source": {"path": public_path(r.source, run.out, Path(r.base_dir)), "fingerprint": fingerprint, "architecture": ckpt.hf_architecture,
                    "n_params": sum(int(math.prod(t.shape)) for t in ckpt.tensors.values()),
                    "license": readme_meta.get("license"), "base_model": readme_meta.get("base_model") or (
                        r.source if not r.source_is_local else None)},
         "versions": versions,
         "host": host_info(),
         "chat_template": chat,
-        "bench": {"text": (bench_meta.get("text") or {}).get("name"), "text_sha256": (bench_meta.get("text") or {}).get("sha256"),
+        "bench": {"text": public_path((bench_meta.get("text") or {}).get("name"), run.out, Path(r.base_dir)), "text_sha256": (bench_meta.get("text") or {}).get("sha256"),
                   "ctx": bench_meta.get("ctx"), "chunks": bench_meta.get("chunks"), "reference": base_name if r.keep_base else None,
                   "reference_file": base_name, "devices": bench_meta.get("devices"), "threads": bench_meta.get("threads"),
                   "speed_settings": bench_meta.get("speed_settings"), "host": bench_meta.get("host"),
@@ -508,7 +557,7 @@ def _write_outputs(out: Path, manifest: dict, rows: dict, bench_meta: dict) -> N
         d["speed"] = [SpeedResult(**s) for s in d.get("speed") or []]
         model_rows.append(ModelRow(**d))
     bench_report = BenchReport(
-        text=bench_meta.get("text"), ctx=bench_meta.get("ctx") or recipe_bench["ctx"], chunks=bench_meta.get("chunks"),
+        text=_public_text(bench_meta.get("text"), out), ctx=bench_meta.get("ctx") or recipe_bench["ctx"], chunks=bench_meta.get("chunks"),
         reference=manifest["bench"]["reference_file"], devices=bench_meta.get("devices") or manifest["recipe"]["release"]["devices"],
         quality_device=None if not model_rows else (model_rows[0].quality or {}).get("device"),
         threads=bench_meta.get("threads") or 0, flash_attn=bool(bench_meta.get("flash_attn", True)),
@@ -617,7 +666,10 @@ def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log |
             t["seconds"] = round(t["seconds"] + v.get("seconds", 0.0), 2)
             t["skipped"] = t["skipped"] and v.get("skipped", False)
     manifest = dict(first)
-    manifest["command"] = "edgequant release merge " + " ".join(str(f / "manifest.json") for f, _ in loaded)
+    import shlex
+
+    manifest["command"] = public_command(shlex.join(["edgequant", "release", "merge", *(str(f / "manifest.json") for f, _ in loaded),
+                                                     "-o", str(out)]), out)
     recipe = json.loads(json.dumps(first["recipe"]))
     for _, data in loaded[1:]:  # the shards' selections together: the recipe of the whole release
         for table, items in (("gguf", data["recipe"]["release"]["gguf"]), ("gptq", data["recipe"]["gptq"])):
@@ -636,7 +688,7 @@ def release_merge(manifests: list[str | Path], output: str | Path, *, log: Log |
     manifest["gates"] = gates
     manifest["stages"] = stages
     manifest["status"] = "gates failed" if any(not g["passed"] for g in gates) else "ok"
-    manifest["merged_from"] = [{"folder": str(f), "recipe_gguf": [g["type"] for g in d["recipe"]["release"]["gguf"]],
+    manifest["merged_from"] = [{"folder": public_path(str(f), out), "recipe_gguf": [g["type"] for g in d["recipe"]["release"]["gguf"]],
                                 "recipe_gptq": [g["bits"] for g in d["recipe"]["gptq"]], "host": d.get("host")} for f, d in loaded]
     bench_meta = {"text": {"name": first["bench"]["text"], "sha256": first["bench"].get("text_sha256"), "chars": 0},
                   "ctx": first["bench"]["ctx"], "chunks": first["bench"]["chunks"], "devices": first["bench"]["devices"],
