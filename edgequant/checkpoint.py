@@ -267,9 +267,18 @@ def _index_safetensors(f: Path) -> list[TensorRef]:
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise EdgequantError(f"{f.name}: tensor {name} has dtype {info['dtype']}, which edgequant cannot convert yet")
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise EdgequantError(f"{f} has a corrupt safetensors header (tensor {name}); re-download it") from None
+        ref = TensorRef(name=name, shape=shape, dtype=dtype, file=f, offset=data_start + begin)
+        if begin < 0 or end - begin != ref.nbytes or any(d < 0 for d in shape):
+            # the safetensors library refuses such a header too: reading it would take a neighbour's bytes
+            raise EdgequantError(f"{f} is corrupt: tensor {name} of shape {list(shape)} ({info['dtype']}) needs {ref.nbytes} "
+                                 f"bytes but its header gives {end - begin}; re-download it")
         end_max = max(end_max, end)
-        refs.append(TensorRef(name=name, shape=tuple(info["shape"]), dtype=dtype, file=f, offset=data_start + begin))
+        refs.append(ref)
     if data_start + end_max > size:
         raise EdgequantError(
             f"{f} is truncated: its header describes {data_start + end_max} bytes, the file has {size}; re-download it"

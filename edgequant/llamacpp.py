@@ -269,3 +269,35 @@ def open_llama(path: str | Path, **kwargs):
     with _model_params(policy.repack):
         llm = llama_cpp.Llama(model_path=str(path), **kwargs)
     return llm
+
+
+def verify_written(files: Sequence[str | Path]) -> None:
+    """A GGUF edgequant wrote must load in llama.cpp: checked (``check_loads``) on the first file (a
+    split loads from its first shard); a file llama.cpp refuses is removed, never left under its name."""
+    try:
+        check_loads(files[0])
+    except EdgequantError:
+        for f in files:
+            Path(f).unlink(missing_ok=True)
+        raise
+
+
+def check_loads(path: str | Path) -> None:
+    """llama.cpp reads the file's metadata, vocabulary and every tensor's shape (no weights: ``no_alloc``),
+    or the error names what it refused (about half a second; the weights are not read)."""
+    import llama_cpp
+
+    install_log_handler()
+    _log_state["errors"].clear()
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.no_alloc = True
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc asserts on a memory-mapped load
+    params.n_gpu_layers = 0
+    params.use_extra_bufts = False  # nothing is placed: no repacking, no AMX
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        why = "; ".join(e for e in last_errors() if "failed to load model" not in e)[-300:] or "no reason given"
+        raise EdgequantError(f"llama.cpp refuses {Path(path).name} ({why}); the file was removed (an inconsistent "
+                             f"checkpoint, e.g. config.json against its weights, or an edgequant bug)")
+    llama_cpp.llama_model_free(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -191,3 +192,60 @@ def test_card_and_manifest_publish_no_local_paths(tiny_mistral_dir, tmp_path):
     cmd = public_command(f"edgequant release {src} -o {out} --gguf Q8_0 --bench-text {text}", out)
     assert cmd == "edgequant release my-finetune -o . --gguf Q8_0 --bench-text eval.txt"
     assert public_command("edgequant release org/model --gguf Q8_0", out) == "edgequant release org/model --gguf Q8_0"
+
+
+# --- no GGUF that llama.cpp refuses is written with exit 0 ----------------------------------------
+
+def _rewrite_safetensors_header(path, edit):
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    path.write_bytes(data[:8] + raw.ljust(n) + data[8 + n:])  # same length: the offsets stay valid
+
+
+def test_inconsistent_checkpoints_are_refused_before_writing(tiny_llama_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "shape"
+    shutil.copytree(tiny_llama_dir, bad)
+    st = sorted(bad.glob("*.safetensors"))[0]
+
+    def shrink(h):
+        name = next(k for k, v in h.items() if k != "__metadata__" and len(v["shape"]) == 2)
+        h[name]["shape"][0] -= 1  # the byte range still holds the old row count
+    _rewrite_safetensors_header(st, shrink)
+    r = runner.invoke(app, ["convert", str(bad), "-o", str(tmp_path / "o1")])
+    assert r.exit_code == 2 and "is corrupt" in r.stderr and "re-download" in r.stderr, r.output
+    assert not (tmp_path / "o1").exists() or not list((tmp_path / "o1").iterdir())
+
+    vocab = tmp_path / "vocab"
+    shutil.copytree(tiny_llama_dir, vocab)
+    cfg = json.loads((vocab / "config.json").read_text())
+    cfg["vocab_size"] += 64  # more tokens than the embedding has rows
+    (vocab / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["convert", str(vocab), "-o", str(tmp_path / "o2")])
+    msg = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "rows but the vocabulary has" in msg, r.output
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").iterdir())
+
+
+def test_a_written_file_llama_cpp_refuses_is_removed(tiny_llama_dir, tmp_path):
+    import pytest
+
+    from edgequant.errors import EdgequantError
+    from edgequant.export.convert import convert
+    from edgequant.llamacpp import check_loads, verify_written
+
+    (f,) = convert(tiny_llama_dir, tmp_path, outtype="f16").files
+    check_loads(f)  # what every convert and quantize now does before it reports success
+    size = Path(f).stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(EdgequantError, match="llama.cpp refuses .*not within the file bounds"):
+        verify_written([f])
+    assert not Path(f).exists()

@@ -94,6 +94,7 @@ def convert(
                     add_bos=vocab.add_bos, template_bos=template_bos)
 
     plan = arch.plan()
+    _check_vocab_rows(plan, len(vocab.tokens), ckpt.config.get("vocab_size"))
     choices = choose_types(plan, ftype)
     fingerprint = ckpt.fingerprint()
 
@@ -133,6 +134,9 @@ def convert(
 
     files = write_gguf(final, arch.arch_name, choices, add_metadata, split_max_tensors=split_max_tensors,
                        split_max_size=split_max_size, force=force, description=f"{ckpt.path.name} -> {ftype_label(ftype)}")
+    from edgequant.llamacpp import verify_written
+
+    verify_written(files)  # llama.cpp loads it (hparams, vocabulary, every tensor's shape), or it is removed
     size = sum(f.stat().st_size for f in files)
     data_bytes = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in choices)
     n_params = sum(c.planned.n_elements for c in choices)
@@ -153,6 +157,16 @@ def convert(
         fallbacks=[c.fallback for c in choices if c.fallback],
         notes=arch.notes + vocab.notes + templates.notes,
     )
+
+
+def _check_vocab_rows(plan, n_tokens: int, config_vocab) -> None:
+    """llama.cpp refuses a file whose embedding (and output) rows differ from its token count."""
+    for t in plan:
+        if t.name in ("token_embd.weight", "output.weight") and t.shape and t.shape[0] != n_tokens:
+            raise EdgequantError(
+                f"{t.sources[0] if t.sources else t.name} has {t.shape[0]} rows but the vocabulary has {n_tokens} tokens "
+                f"(config.json vocab_size {config_vocab}); the checkpoint is inconsistent: fix vocab_size or the weights"
+            )
 
 
 def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:

@@ -324,6 +324,9 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _Na
                     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))
                 _check_rc(rc, t, errors)
             files = [final]
+    from edgequant.llamacpp import verify_written
+
+    verify_written(files)
     out_info = inspect_gguf(files[0])
     return QuantizeResult(
         type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
