@@ -107,7 +107,7 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
             yield parts
         except BaseException:
             for p in parts:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # a read-only folder fails again here: report the first error
                     p.unlink()
             raise
         for p, final in zip(parts, finals):

@@ -131,10 +131,7 @@ class Checkpoint:
         p = self.file(name)
         if p is None:
             return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise EdgequantError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+        return _read_json_file(p)
 
     def source_dtype(self) -> torch.dtype | None:
         """The dtype of the first matrix, as llama.cpp's ``--outtype auto`` decides it."""
@@ -193,15 +190,25 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     raise EdgequantError(f"{p} does not exist; pass a Hugging Face model folder (with config.json) or a hub id org/name")
 
 
+def _read_json_file(p: Path) -> dict[str, Any]:
+    """A JSON object from a model folder, or one line saying what is wrong with the file."""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise EdgequantError(f"{p} is not UTF-8 text (byte {e.start}); fix or re-download it") from None
+    except json.JSONDecodeError as e:
+        raise EdgequantError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise EdgequantError(f"{p} holds a JSON {type(data).__name__}, not an object; fix or re-download it")
+    return data
+
+
 def open_checkpoint(source: str | os.PathLike[str]) -> Checkpoint:
     path = resolve_source(source)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise EdgequantError(f"no config.json in {path}: not a Hugging Face model folder (pass the folder that holds config.json)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EdgequantError(f"{cfg_path} is not valid JSON ({e}); fix or re-download it") from None
+    config = _read_json_file(cfg_path)
     if "text_config" in config and isinstance(config["text_config"], dict):
         config = {**config, **config["text_config"]}
 

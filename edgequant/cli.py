@@ -67,7 +67,29 @@ def _say(console: Console, label: str, text: str, style: str = "yellow") -> None
     console.print(f"[{style}]{label}:[/] {_escape(text)}", highlight=False, soft_wrap=True)
 
 
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("EDGEQUANT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", envvar="EDGEQUANT_DEBUG",
+                                     help="Show the traceback of an unexpected error (a bug: please report it).")) -> None:
+    """Ship Hugging Face causal LMs to the edge: GGUF, GPTQ, llama.cpp-exact benchmarks."""
+    import os
+
+    if debug:
+        os.environ["EDGEQUANT_DEBUG"] = "1"
+
+
 def _run(fn: Callable[[], Any], as_json: bool) -> Any:
+    """Every command's work: a fixable error is one line and exit 2 (a failed gate 3), a file-system error one
+    line naming the path, an unexpected error (a bug) one line and exit 1, its traceback with --debug."""
+    import click
+
+    from edgequant.errors import os_error_line
+
     progress.set_quiet(as_json)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -77,6 +99,17 @@ def _run(fn: Callable[[], Any], as_json: bool) -> Any:
     except KeyboardInterrupt:
         err.print("interrupted: partial outputs were removed")
         raise typer.Exit(130)
+    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise
+    except OSError as e:
+        if _debug():
+            raise
+        _fail(os_error_line(e))
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if _debug():
+            raise
+        _fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+              f"(an edgequant bug: rerun with --debug for the traceback and report it)", 1)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -249,3 +250,69 @@ def test_a_written_file_llama_cpp_refuses_is_removed(tiny_llama_dir, tmp_path):
     with pytest.raises(EdgequantError, match="llama.cpp refuses .*not within the file bounds"):
         verify_written([f])
     assert not Path(f).exists()
+
+
+# --- bad metadata and file-system errors: one line, never a traceback ------------------------------
+
+def test_malformed_metadata_is_one_line(tiny_llama_dir, tmp_path):
+    import shutil
+
+    def variant(name, edit):
+        d = tmp_path / name
+        shutil.copytree(tiny_llama_dir, d)
+        edit(d)
+        return d
+
+    def set_cfg(**kv):
+        def edit(d):
+            cfg = json.loads((d / "config.json").read_text())
+            cfg.update(kv)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return edit
+
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    cases = {
+        "latin1": (lambda d: (d / "config.json").write_bytes((d / "config.json").read_bytes().replace(b"}", b', "x": "\xe9"}', 1)),
+                   "is not UTF-8 text"),
+        "list": (lambda d: (d / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+        "tok-latin1": (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"x": "\xff"}'), "is not UTF-8 text"),
+        "heads0": (set_cfg(num_attention_heads=0), "num_attention_heads is 0"),
+        "kvheads": (set_cfg(num_key_value_heads=cfg["num_attention_heads"] // 2 if cfg.get("num_key_value_heads") !=
+                            cfg["num_attention_heads"] // 2 else cfg["num_attention_heads"]),
+                    "config.json does not match the weights"),
+    }
+    for name, (edit, expect) in cases.items():
+        d = variant(name, edit)
+        r = runner.invoke(app, ["convert", str(d), "-o", str(tmp_path / f"out-{name}")])
+        msg = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and expect in msg, (name, r.output)
+        assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) <= 3, (name, r.stderr)
+    tpl = tmp_path / "latin1.jinja"
+    tpl.write_bytes(b"{{ '\xe9' }}")
+    r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--chat-template", str(tpl)])
+    assert r.exit_code == 2 and "is not UTF-8 text" in r.stderr, r.output
+
+
+def test_file_system_errors_are_one_line(tiny_llama_dir, tmp_path):
+    import errno
+    import shutil
+
+    from edgequant.errors import os_error_line
+
+    assert "the disk is full" in os_error_line(OSError(errno.ENOSPC, "No space left on device", "/x/y.gguf.part"))
+    assert os_error_line(OSError(errno.EROFS, "Read-only file system", "/x")).startswith("/x: Read-only file system")
+    # a dangling weight symlink, as in a broken HF cache
+    d = tmp_path / "dangling"
+    shutil.copytree(tiny_llama_dir, d)
+    st = sorted(d.glob("*.safetensors"))[0]
+    st.unlink()
+    st.symlink_to(tmp_path / "blobs" / "gone")
+    r = runner.invoke(app, ["convert", str(d), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert st.name in r.stderr, r.stderr
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(ro)])
+        assert r.exit_code == 2 and "permission denied" in r.stderr.lower() and "Traceback" not in r.output

@@ -101,10 +101,17 @@ def render_sample(template: str, *, bos_token: str, eos_token: str, source: str)
     raise EdgequantError(f"{source} rejects a plain user/assistant conversation ({last}); fix it or pass --chat-template FILE")
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgequantError(f"{path} is not UTF-8 text (byte {e.start}); a chat template must be UTF-8: fix the file") from None
+
+
 def _from_file(path: Path) -> str:
     if not path.is_file():
         raise EdgequantError(f"--chat-template {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = _text(path)
     if path.suffix == ".json":
         try:
             value = json.loads(text)["chat_template"]
@@ -121,7 +128,7 @@ def find_templates(ckpt: Checkpoint, override: Path | None = None) -> ChatTempla
     tok_cfg = ckpt.read_json("tokenizer_config.json") or {}
     value = tok_cfg.get("chat_template")
     if ckpt.file("chat_template.jinja"):
-        value, source = ckpt.file("chat_template.jinja").read_text(encoding="utf-8"), "chat_template.jinja"
+        value, source = _text(ckpt.file("chat_template.jinja")), "chat_template.jinja"
     elif ckpt.file("chat_template.json"):
         value, source = (ckpt.read_json("chat_template.json") or {}).get("chat_template"), "chat_template.json"
     elif value is not None:

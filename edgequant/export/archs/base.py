@@ -41,6 +41,13 @@ class Architecture:
             raise EdgequantError(f"config.json lacks {keys[0]}; it is required for {self.ckpt.hf_architecture}")
         return default
 
+    def positive_int(self, *keys: str, default: Any = _MISSING) -> int:
+        """An hparam that must be a whole number >= 1 (head counts, sizes): one line naming the key otherwise."""
+        value = self.hparam(*keys, default=default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+            raise EdgequantError(f"config.json {keys[0]} is {value!r}; it must be a whole number >= 1 (fix config.json)")
+        return int(value)
+
     def tensor_name(self, key: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
         return gguf.TENSOR_NAMES[key].format(bid=bid) + suffix
 

@@ -40,10 +40,13 @@ class Llama(Architecture):
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
-        self.n_head = int(self.hparam("num_attention_heads"))
-        self.n_kv_head = int(self.hparam("num_key_value_heads", default=self.n_head))
-        self.n_embd = int(self.hparam("hidden_size"))
-        self.head_dim = int(self.hparam("head_dim", default=self.n_embd // self.n_head))
+        self.n_head = self.positive_int("num_attention_heads")
+        self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
+        self.n_embd = self.positive_int("hidden_size")
+        self.head_dim = self.positive_int("head_dim", default=self.n_embd // self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise EdgequantError(f"config.json: num_attention_heads {self.n_head} is not a multiple of "
+                                 f"num_key_value_heads {self.n_kv_head}; fix config.json")
         rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
         self.rope = dict(rope)
         self.rope_theta = float(self.rope.get("rope_theta", self.hparam("rope_theta", default=10000.0)))
@@ -149,9 +152,11 @@ class Llama(Architecture):
                 raise self.unexpected(hf_name)
             part_kw = {}
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                part_kw["permute_heads"] = self.n_head
+                part_kw["permute_heads"] = self._heads(ref, "num_attention_heads", self.n_head)
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                part_kw["permute_heads"] = self.n_kv_head
+                part_kw["permute_heads"] = self._heads(ref, "num_key_value_heads", self.n_kv_head)
+            elif hf_name.endswith("v_proj.weight"):
+                self._heads(ref, "num_key_value_heads", self.n_kv_head)
             pt = self.single(name, ref, **part_kw)
             if name.endswith("ffn_gate_inp.weight"):
                 pt.keep_f32 = True
@@ -167,6 +172,13 @@ class Llama(Architecture):
             blocks[bid].extend(self._expert_stacks(bid, found))
         self._check_complete(head, blocks, tail)
         return head + [t for b in blocks for t in b] + tail
+
+    def _heads(self, ref, key: str, n: int) -> int:
+        """The head count a projection is permuted by, checked against its rows (config.json against the weights)."""
+        if ref.shape[0] != n * self.head_dim:
+            raise EdgequantError(f"{ref.name} has {ref.shape[0]} rows but config.json gives {key} {n} x head_dim "
+                                 f"{self.head_dim} = {n * self.head_dim}; config.json does not match the weights")
+        return n
 
     def _expert_stacks(self, bid: int, found: dict) -> list[PlannedTensor]:
         n_expert = int(self.hparam("num_local_experts", "num_experts"))
