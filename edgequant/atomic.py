@@ -83,6 +83,8 @@ def check_output_folder(folder: Path) -> None:
 def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 1.02) -> None:
     """Fail early, naming the numbers, when the output disk cannot hold the result."""
     directory.mkdir(parents=True, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise EdgequantError(f"{directory} is not writable (a read-only file system or no permission); choose another -o")
     free = shutil.disk_usage(directory).free
     if needed_bytes * margin > free:
         raise EdgequantError(

@@ -284,6 +284,7 @@ def bench(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write the report to this file (format from --format, else from the suffix)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of size against PPL/KLD with the Pareto front."),
     json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of the --json report and exit."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing -o report or --plot image."),
     repack: Optional[str] = RepackOpt,
     verbose: bool = VerboseOpt,
     trust_remote_code: bool = TrustOpt,
@@ -309,13 +310,14 @@ def bench(
     )
 
     def work():
-        from edgequant.atomic import check_output_folder
+        from edgequant.atomic import check_output_folder, check_writable
 
         for target in (output, plot):
             if target is not None:
                 check_output_folder(target.parent if str(target.parent) else Path("."))
                 if target.is_dir():
                     raise EdgequantError(f"{target} is a folder; name a file")
+                check_writable([target], force=force)  # before the measuring, not after
         return run_bench(list(models or []), opts)
 
     report = _run(work, fmt == "json")

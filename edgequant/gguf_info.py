@@ -113,6 +113,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorSummary]]:
     merge (seconds for a 50k-token vocabulary); this skips long arrays in milliseconds.
     """
     path = Path(path)
+    if path.is_dir():
+        raise EdgequantError(f"{path} is a folder; pass a .gguf file")
     if not path.is_file():
         raise EdgequantError(f"{path} does not exist")
     with open(path, "rb") as f:
@@ -126,6 +128,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorSummary]]:
                 version, n_tensors, n_kv = cur.scalar("<I"), cur.scalar("<Q"), cur.scalar("<Q")
                 if version < 2:
                     raise EdgequantError(f"{path} is GGUF version {version}; re-convert it with a current converter")
+                if version > gguf.GGUF_VERSION:
+                    raise EdgequantError(f"{path} is GGUF version {version}, newer than the {gguf.GGUF_VERSION} edgequant "
+                                         f"reads (or a corrupt header); update edgequant and gguf, or re-convert it")
                 metadata = {}
                 for _ in range(n_kv):
                     key = cur.string()

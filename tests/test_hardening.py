@@ -316,3 +316,32 @@ def test_file_system_errors_are_one_line(tiny_llama_dir, tmp_path):
         ro.chmod(0o555)
         r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(ro)])
         assert r.exit_code == 2 and "permission denied" in r.stderr.lower() and "Traceback" not in r.output
+
+
+def test_weak_messages_name_the_problem(tiny_llama_dir, tmp_path):
+    from edgequant.export.convert import convert
+
+    def fails(args, expect):
+        r = runner.invoke(app, args)
+        msg = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and expect in msg, (args, r.output)
+        assert "Traceback" not in r.output
+
+    (f16,) = convert(tiny_llama_dir, tmp_path / "m", outtype="f16", model_name="Named").files
+    assert Path(f16).name == "Named-F16.gguf"  # --name names the file, as its help says
+    v99 = tmp_path / "v99.gguf"
+    data = bytearray(Path(f16).read_bytes())
+    data[4:8] = (99).to_bytes(4, "little")
+    v99.write_bytes(bytes(data))
+    fails(["inspect", str(v99)], "GGUF version 99, newer than")
+    fails(["inspect", str(tmp_path)], "is a folder; pass a .gguf file")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 400)
+    fails(["bench", f16, "--quality-only", "--text", str(binary), "--ctx", "64"], "looks binary")
+    fails(["bench", f16, "--quality-only", "--text", str(tmp_path), "--ctx", "64"], "is a folder")
+    fails(["bench", f16, "--quality-only", "--chunks", "-1", "--ctx", "64"], "--chunks -1: use a positive number")
+    fails(["bench", f16, "--quality-only", "--ctx", "100000000", "--chunks", "1"], "pass a smaller --ctx")  # before any load
+    report = tmp_path / "r.md"
+    report.write_text("keep me")
+    fails(["bench", f16, "--speed-only", "--pp", "8", "--tg", "2", "--reps", "1", "-o", str(report)], "output exists")
+    assert report.read_text() == "keep me"

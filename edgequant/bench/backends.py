@@ -119,6 +119,9 @@ class LlamaCppBackend:
             from edgequant.llamacpp import last_errors
 
             why = (last_errors() or [str(e)])[-1]
+            if "context" in str(e).lower():  # the file loaded; the context (KV cache for ctx tokens) did not
+                raise EdgequantError(f"llama.cpp could not make a context of {ctx} tokens for {Path(self.path).name} "
+                                     f"({why}); pass a smaller --ctx (512 is llama.cpp's usual)") from None
             raise EdgequantError(f"llama.cpp cannot load {self.path} ({why}); run edgequant inspect on it") from None
         add_bos = bool(self.llm._model.add_bos_token())
         self.info = Loaded("gguf", "llama.cpp", device, self.llm.n_vocab(), add_bos,

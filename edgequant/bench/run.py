@@ -239,6 +239,11 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
     qdev = _check_devices(devices, {r.kind for r in rows}, o.quality)
 
     corpus = o.text if isinstance(o.text, Text) else load_text(o.text) if o.quality else None
+    if corpus is not None:
+        most = len(corpus.text.encode("utf-8")) + 1  # no tokenizer makes more tokens than bytes (+ BOS)
+        if most < 2 * o.ctx:
+            raise EdgequantError(f"--ctx {o.ctx}: the text ({corpus.name}) holds at most {most} tokens, fewer than the 2 "
+                                 f"chunks of {o.ctx} perplexity needs; pass a smaller --ctx or a longer text")
     n_chunks = None
     if o.quality:
         n_chunks = _quality(rows, ref_row, corpus, o, qdev, threads, notes)

@@ -47,11 +47,20 @@ def load_text(source: str | Path | Text | None = None) -> Text:
     if key in DATASETS:
         return _dataset(key)
     path = Path(key)
+    if path.is_dir():
+        raise EdgequantError(f"text file {path} is a folder; pass a text file")
     if not path.is_file():
         raise EdgequantError(f"text file {path} does not exist; pass a text file, 'pydoc' (built in) or one of {', '.join(DATASETS)}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
     if not text.strip():
         raise EdgequantError(f"text file {path} is empty; pass a file with natural text")
+    nul = b"\x00" in data[:1 << 20]
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if nul or bad > max(16, len(text) // 1000):
+        what = "NUL bytes" if nul else f"{bad} bytes that are not UTF-8"
+        raise EdgequantError(f"text file {path} looks binary ({what}); pass natural text in UTF-8 "
+                             f"(perplexity and calibration on binary data mean nothing)")
     return Text(name=path.name, text=text)
 
 
@@ -75,15 +84,16 @@ def chunk_ids(ids: list[int], ctx: int, n_chunks: int | None, bos_id: int | None
     are asked for."""
     if ctx < 1:
         raise EdgequantError(f"--ctx {ctx}: use a positive number of tokens per chunk (512 is llama.cpp's usual)")
-    if n_chunks == 0:
-        raise EdgequantError("--chunks 0: use a positive number of chunks, or leave it out for all of them")
+    if n_chunks is not None and n_chunks < 1:
+        raise EdgequantError(f"--chunks {n_chunks}: use a positive number of chunks, or leave it out for all of them "
+                             f"(llama.cpp's -1)")
     available = len(ids) // ctx
     if available < minimum:
         raise EdgequantError(
             f"the text has {len(ids)} tokens, fewer than {minimum} chunk{'s' if minimum > 1 else ''} of {ctx} "
             f"(it needs {minimum * ctx}); pass a longer text or a smaller --ctx"
         )
-    n = available if n_chunks is None or n_chunks < 0 else min(n_chunks, available)  # negative: all, like llama.cpp
+    n = available if n_chunks is None else min(n_chunks, available)
     chunks = []
     for i in range(n):
         c = list(ids[i * ctx:(i + 1) * ctx])

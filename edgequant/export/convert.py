@@ -113,7 +113,11 @@ def convert(
     if out.suffix == ".gguf":
         final = out
     else:
-        stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, ftype_label(ftype))
+        if model_name:  # --name names the file too: <name>-<TYPE>.gguf
+            stem = gguf.naming_convention(model_name, None, None, None, None, ftype_label(ftype))
+        else:
+            stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+                                          ftype_label(ftype))
         final = out / f"{stem}.gguf"
 
     def add_metadata(w: gguf.GGUFWriter) -> None:

@@ -204,9 +204,13 @@ def quantize(
     wanted = [qtypes.get(t) for t in types]
     if not wanted:
         raise EdgequantError("name at least one quant type (see edgequant quantize --list)")
-    if info.file_type not in _FLOAT_FILE_TYPES and not opts.allow_requantize:
+    # general.file_type is optional in GGUF: without it, the tensors' own types tell
+    floats_only = set(info.type_counts) <= {"F32", "F16", "BF16"}
+    quantized = info.file_type not in _FLOAT_FILE_TYPES if info.file_type is not None else not floats_only
+    if quantized and not opts.allow_requantize:
+        held = info.file_type or ", ".join(sorted(t for t in info.type_counts if t not in ("F32", "F16", "BF16")))
         raise EdgequantError(
-            f"{src.name} is already quantized ({info.file_type}); requantizing compounds the error. Quantize from the "
+            f"{src.name} is already quantized ({held}); requantizing compounds the error. Quantize from the "
             f"F16/BF16/F32 GGUF, or pass --allow-requantize if you accept the loss"
         )
     imatrix = None
