@@ -69,6 +69,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def check_writable(finals: Sequence[Path], *, force: bool) -> None:
     """Refuse to overwrite existing outputs unless ``force``."""
+    folders = [p for p in finals if p.is_dir()]
+    if folders:  # --force replaces a file, never a folder
+        raise EdgequantError(f"output {folders[0]} is a folder; name a file, or pass the folder itself as -o")
     existing = [p for p in finals if p.exists()]
     if existing and not force:
         raise EdgequantError(f"output exists: {existing[0]} (pass --force to overwrite, or choose another -o)")
@@ -112,10 +115,16 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
                 with contextlib.suppress(OSError):  # a read-only folder fails again here: report the first error
                     p.unlink()
             raise
-        for p, final in zip(parts, finals):
-            if not p.exists():
-                raise RuntimeError(f"internal error: {p} was not written")
-            os.replace(p, final)
+        try:
+            for p, final in zip(parts, finals):
+                if not p.exists():
+                    raise RuntimeError(f"internal error: {p} was not written")
+                os.replace(p, final)
+        except BaseException:
+            for p in parts:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
 
 
 

@@ -345,3 +345,18 @@ def test_weak_messages_name_the_problem(tiny_llama_dir, tmp_path):
     report.write_text("keep me")
     fails(["bench", f16, "--speed-only", "--pp", "8", "--tg", "2", "--reps", "1", "-o", str(report)], "output exists")
     assert report.read_text() == "keep me"
+
+
+def test_existing_outputs_are_found_before_any_work(tiny_llama_dir, tmp_path):
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "Q4_K_M", "--json"])
+    assert r.exit_code == 0, r.output
+    (made,) = json.loads(r.stdout)["files"]
+    again = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(out), "--outtype", "Q4_K_M"])
+    assert again.exit_code == 2 and "output exists" in again.stderr and Path(made).name in again.stderr
+    assert not list(out.glob(".edgequant-tmp-*"))  # refused before the temporary 16-bit file was made
+    folder = tmp_path / "dir.gguf"
+    folder.mkdir()
+    r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(folder), "--force"])
+    assert r.exit_code == 2 and "is a folder" in r.stderr, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "o"] and not list(folder.iterdir())

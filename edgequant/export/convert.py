@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import edgequant
-from edgequant.atomic import check_output_folder
+from edgequant.atomic import check_output_folder, check_writable
 from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
@@ -97,28 +97,7 @@ def convert(
     _check_vocab_rows(plan, len(vocab.tokens), ckpt.config.get("vocab_size"))
     choices = choose_types(plan, ftype)
     fingerprint = ckpt.fingerprint()
-
-    # Parameter counts for the size label, as gguf-py's writer counts them (experts apart).
-    counter = gguf.GGUFWriter(path=None, arch=arch.arch_name)
-    for c in choices:
-        counter.add_tensor_info(c.planned.name, c.planned.shape, np.dtype(np.float32), 0, raw_dtype=c.qtype)
-    total, shared, expert, n_expert = counter.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, ckpt.path, model_name, total)
-    if meta.name is None:
-        meta.name = ckpt.path.name
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
-
-    out = Path(output) if output is not None else Path.cwd()
-    if out.suffix == ".gguf":
-        final = out
-    else:
-        if model_name:  # --name names the file too: <name>-<TYPE>.gguf
-            stem = gguf.naming_convention(model_name, None, None, None, None, ftype_label(ftype))
-        else:
-            stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
-                                          ftype_label(ftype))
-        final = out / f"{stem}.gguf"
+    final, meta = _final_path(ckpt, arch, choices, ftype, output, model_name)
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
@@ -163,6 +142,37 @@ def convert(
     )
 
 
+def _final_path(ckpt, arch, choices, ftype, output, model_name):
+    """The output path (llama.cpp's naming convention, or ``<--name>-<TYPE>.gguf``) and the metadata it came from."""
+    # Parameter counts for the size label, as gguf-py's writer counts them (experts apart).
+    counter = gguf.GGUFWriter(path=None, arch=arch.arch_name)
+    for c in choices:
+        counter.add_tensor_info(c.planned.name, c.planned.shape, np.dtype(np.float32), 0, raw_dtype=c.qtype)
+    total, shared, expert, n_expert = counter.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, ckpt.path, model_name, total)
+    if meta.name is None:
+        meta.name = ckpt.path.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    out = Path(output) if output is not None else Path.cwd()
+    if out.suffix == ".gguf":
+        return out, meta
+    if model_name:  # --name names the file too: <name>-<TYPE>.gguf
+        stem = gguf.naming_convention(model_name, None, None, None, None, ftype_label(ftype))
+    else:
+        stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label,
+                                      ftype_label(ftype))
+    return out / f"{stem}.gguf", meta
+
+
+def _base_path(source, output, model_name) -> Path:
+    """Where ``convert(source, output, outtype="auto")`` would write, without converting anything."""
+    ckpt = open_checkpoint(source)
+    arch = architecture_for(ckpt.hf_architecture)(ckpt)
+    ftype = resolve_outtype("auto", ckpt.source_dtype())
+    return _final_path(ckpt, arch, choose_types(arch.plan(), ftype), ftype, output, model_name)[0]
+
+
 def _check_vocab_rows(plan, n_tokens: int, config_vocab) -> None:
     """llama.cpp refuses a file whose embedding (and output) rows differ from its token count."""
     for t in plan:
@@ -187,6 +197,8 @@ def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
         )
     out = Path(output) if output is not None else Path.cwd()
     parent = out.parent if out.suffix == ".gguf" else out
+    early = out if out.suffix == ".gguf" else out / output_name(_base_path(source, parent, kw.get("model_name")), qt.name)
+    check_writable([early], force=kw.get("force", False))  # before minutes of 16-bit conversion, not after
     _remove_stale_temp_dirs(parent)
     tmp_dir = parent / f"{TMP_PREFIX}{os.getpid()}"
     try:
