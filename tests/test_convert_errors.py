@@ -113,8 +113,13 @@ def test_unknown_bpe_pre_tokenizer_names_the_flag(tiny_llama_dir, tmp_path):
     (src / "tokenizer.json").write_text(json.dumps(tj))
     _fails(["convert", str(src), "-o", str(tmp_path / "out")], "--pre-tokenizer NAME")
     _no_outputs(tmp_path / "out")
-    # the user names it: accepted, recorded in the notes
-    result = convert(src, tmp_path / "out", outtype="q8_0", pre_tokenizer="llama-bpe")
+    # the user names one whose regex is not this tokenizer's: llama.cpp's ids would differ from HF's on
+    # plain text, so the file is refused (and removed), not published
+    _fails(["convert", str(src), "-o", str(tmp_path / "out"), "--outtype", "q8_0", "--pre-tokenizer", "llama-bpe"],
+           "tokenizes the written file differently from the HF tokenizer")
+    _no_outputs(tmp_path / "out")
+    # a name that is right for the tokenizer: accepted, recorded in the notes
+    result = convert(tiny_llama_dir, tmp_path / "ok", outtype="q8_0", pre_tokenizer="llama-bpe")
     assert result.pre_tokenizer == "llama-bpe"
     assert any("--pre-tokenizer" in n for n in result.notes)
 

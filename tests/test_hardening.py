@@ -360,3 +360,18 @@ def test_existing_outputs_are_found_before_any_work(tiny_llama_dir, tmp_path):
     r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(folder), "--force"])
     assert r.exit_code == 2 and "is a folder" in r.stderr, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "o"] and not list(folder.iterdir())
+
+
+def test_sentencepiece_tokenizer_json_is_not_written_as_byte_level_bpe(tiny_mistral_dir, tmp_path):
+    """A Mistral-style folder without tokenizer.model: its tokenizer.json is SentencePiece-style BPE.
+    Following the old advice (--pre-tokenizer) wrote it as GPT-2 BPE with ids that differ from HF's."""
+    import shutil
+
+    src = tmp_path / "no-spm"
+    shutil.copytree(tiny_mistral_dir, src)
+    (src / "tokenizer.model").unlink()
+    for extra in ([], ["--pre-tokenizer", "llama-bpe"]):
+        r = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), *extra])
+        msg = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and "SentencePiece-style BPE" in msg and "copy tokenizer.model" in msg, r.output
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -120,6 +120,7 @@ def convert(
     from edgequant.llamacpp import verify_written
 
     verify_written(files)  # llama.cpp loads it (hparams, vocabulary, every tensor's shape), or it is removed
+    _check_token_ids(files, vocab.reference)
     size = sum(f.stat().st_size for f in files)
     data_bytes = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in choices)
     n_params = sum(c.planned.n_elements for c in choices)
@@ -171,6 +172,36 @@ def _base_path(source, output, model_name) -> Path:
     arch = architecture_for(ckpt.hf_architecture)(ckpt)
     ftype = resolve_outtype("auto", ckpt.source_dtype())
     return _final_path(ckpt, arch, choose_types(arch.plan(), ftype), ftype, output, model_name)[0]
+
+
+PROBE_TEXT = "Hello world. The quick brown fox jumps over 12345 lazy dogs, don't you think?\n  Indented: x = [1, 2]"
+
+
+def _check_token_ids(files: list[Path], reference) -> None:
+    """llama.cpp's tokenizer on the written file gives the HF tokenizer's ids for a plain probe text, or
+    the file is removed: a vocabulary written in the wrong form (a SentencePiece tokenizer as byte-level
+    BPE, a wrong --pre-tokenizer) is refused, not published."""
+    if reference is None:  # the HF tokenizer could not be loaded: convert's notes say so
+        return
+    from edgequant.llamacpp import open_llama
+
+    want = list(reference.encode(PROBE_TEXT, add_special_tokens=False))
+    llm = open_llama(files[0], vocab_only=True)
+    try:
+        got = llm.tokenize(PROBE_TEXT.encode("utf-8"), add_bos=False, special=False)
+        piece = llm._model.token_get_text
+        if got != want:
+            i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            ours = repr(piece(got[i])) if i < len(got) else "end"
+            theirs = repr(reference.convert_ids_to_tokens(want[i])) if i < len(want) else "end"
+    finally:
+        llm.close()
+    if got != want:
+        for f in files:
+            Path(f).unlink(missing_ok=True)
+        raise EdgequantError(f"llama.cpp tokenizes the written file differently from the HF tokenizer (token {i}: "
+                             f"{ours} vs {theirs}); the file was removed. A wrong --pre-tokenizer, or a tokenizer "
+                             f"edgequant reads wrongly: please report it")
 
 
 def _check_vocab_rows(plan, n_tokens: int, config_vocab) -> None:

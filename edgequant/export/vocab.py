@@ -35,6 +35,7 @@ class Vocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     notes: list[str] = field(default_factory=list)
+    reference: Any = field(default=None, repr=False)  # the HF tokenizer, the reference for the written file's ids
 
     def token_text(self, role: str) -> str | None:
         i = self.special_ids.get(role)
@@ -169,6 +170,13 @@ def _bpe(ckpt: Checkpoint, tok_cfg: dict[str, Any], pre_override: str | None) ->
         raise EdgequantError(
             f"tokenizer.json holds a {model.get('type')} model; edgequant converts SentencePiece (tokenizer.model) and byte-level BPE vocabularies"
         )
+    if not _byte_level(tj):
+        marks = "▁ word markers" + (", byte fallback" if model.get("byte_fallback") else "")
+        raise EdgequantError(
+            f"tokenizer.json holds a SentencePiece-style BPE ({marks}), not a byte-level one, and the folder has no "
+            f"tokenizer.model, which llama.cpp's SentencePiece vocabulary is built from; copy tokenizer.model from the "
+            f"base model into {ckpt.path} (--pre-tokenizer cannot help: it is for byte-level BPE)"
+        )
     pre = pretokenizer.validate(pre_override) if pre_override else pretokenizer.identify(tj, tok_cfg)
     entries: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
@@ -196,6 +204,27 @@ def _bpe(ckpt: Checkpoint, tok_cfg: dict[str, Any], pre_override: str | None) ->
     if pre_override:
         vocab.notes.append(f"pre-tokenizer set by --pre-tokenizer to {pre!r} (not checked against tokenizer.json)")
     return vocab
+
+
+def _components(node: Any) -> list[dict]:
+    """Every component of a tokenizer.json pipeline part (Sequence nodes flattened)."""
+    if not isinstance(node, dict):
+        return []
+    inner = node.get("pretokenizers") or node.get("decoders") or node.get("normalizers")
+    return [c for x in inner for c in _components(x)] if isinstance(inner, list) else [node]
+
+
+def _byte_level(tj: dict) -> bool:
+    """Byte-level BPE (GPT-2 style: bytes mapped to printable characters) rather than SentencePiece-style
+    BPE (``▁`` for spaces, byte fallback), read from the pre-tokenizer and decoder themselves."""
+    parts = _components(tj.get("pre_tokenizer")) + _components(tj.get("decoder"))
+    kinds = {c.get("type") for c in parts}
+    if "ByteLevel" in kinds:
+        return True
+    spm = {"Metaspace", "ByteFallback"} & kinds or (tj.get("model") or {}).get("byte_fallback")
+    spm = spm or any(c.get("type") == "Prepend" and c.get("prepend") == SPIECE_UNDERLINE
+                     for c in _components(tj.get("normalizer")))
+    return not spm
 
 
 # -- special tokens and BOS/EOS --------------------------------------------------------------
@@ -241,6 +270,7 @@ def _resolve_add_bos_eos(ckpt: Checkpoint, tok_cfg: dict[str, Any], vocab: Vocab
         vocab.add_bos = bool(tok_cfg.get("add_bos_token", vocab.model == "llama"))
         vocab.add_eos = bool(tok_cfg.get("add_eos_token", False))
         return
+    vocab.reference = tok
     bos, eos = vocab.special_ids.get("bos"), vocab.special_ids.get("eos")
     vocab.add_bos = bos is not None and len(full) > len(plain) and full[0] == bos
     vocab.add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos
