@@ -106,6 +106,13 @@ def test_release_redoes_only_what_changed(tiny_mistral_dir, tmp_path):
     assert "My own notes." not in card.read_text()
     check_manifest(out)
 
+    # --only in a complete release folder remakes only what it names; the others stay published
+    only = release(load_recipe(path).select(["Q8_0"]))
+    assert only.made == []
+    m = check_manifest(out)
+    assert {"Tiny-Q8_0.gguf", "Tiny-Q4_K_M.gguf"} <= {a["path"] for a in m["artifacts"]}
+    assert len(json.loads((out / "bench.json").read_text())["rows"]) == 3 and "Tiny-Q4_K_M.gguf" in card.read_text()
+
 
 def test_killed_release_finishes_on_rerun(tiny_mistral_dir, tmp_path):
     out = tmp_path / "dist"

@@ -279,8 +279,12 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
 
     # -- GGUF types -----------------------------------------------------------------------------------
     gguf_keys: dict[str, str] = {}
+
+    def gguf_key(v, im: str | None) -> str:
+        return stage_key("gguf", v.to_dict(), base_key, im if v.imatrix else None, versions["llama_cpp_python"])
+
     for v in r.gguf:
-        key = stage_key("gguf", v.to_dict(), base_key, im_key if v.imatrix else None, versions["llama_cpp_python"])
+        key = gguf_key(v, im_key)
         gguf_keys[v.artifact] = key
         target = out / f"{r.name}-{v.artifact}.gguf"
 
@@ -314,10 +318,14 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
 
     # -- GPTQ -------------------------------------------------------------------------------------------
     gptq_keys: dict[str, str] = {}
+    gptq_device = "cuda" if "cuda" in r.devices else "cpu"
+
+    def gptq_key(v, cal_sha: str) -> str:
+        return stage_key("gptq", v.to_dict(), fingerprint, cal_sha, r.name, gptq_device, versions["gptqmodel"],
+                         versions["edgequant"])
+
     for v in r.gptq:
-        gptq_device = "cuda" if "cuda" in r.devices else "cpu"
-        key = stage_key("gptq", v.to_dict(), fingerprint, cal_text.sha256, r.name, gptq_device, versions["gptqmodel"],
-                        versions["edgequant"])
+        key = gptq_key(v, cal_text.sha256)
         gptq_keys[v.artifact] = key
         target = out / f"{r.name}-{v.artifact}"
 
@@ -339,6 +347,38 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
                               "desc_act": res.desc_act, "sym": res.sym}
 
         run.stage(v.artifact, "gptq", key, make_gptq)
+
+    # -- what --only left out: published as they are when this folder holds them, fresh -------------------
+    if r.left_out:
+        from edgequant.release.recipe import GGUFVariant
+
+        kept = {v.artifact for v in (*r.gguf, *r.gptq)}
+        im_fresh = im_key if im_key is not None else stage_key(
+            "imatrix", fingerprint, load_text(r.text_source("imatrix")).sha256, r.imatrix.ctx, r.imatrix.chunks,
+            versions["edgequant"])
+        cal_sha = cal_text.sha256 if cal_text is not None else None
+        more_gguf, more_gptq = [], []
+        for v in r.left_out:
+            if v.artifact in kept:
+                continue
+            if isinstance(v, GGUFVariant):
+                if v.imatrix and run.st.fresh("imatrix", im_fresh) is None:
+                    continue
+                key = gguf_key(v, im_fresh)
+                if run.st.fresh(v.artifact, key) is not None:
+                    gguf_keys[v.artifact] = key
+                    more_gguf.append(v)
+            else:
+                cal_sha = cal_sha or load_text(r.text_source("calibration")).sha256
+                key = gptq_key(v, cal_sha)
+                if run.st.fresh(v.artifact, key) is not None:
+                    gptq_keys[v.artifact] = key
+                    more_gptq.append(v)
+        if more_gguf or more_gptq:
+            run.log(f"[dim]kept as they are[/] {escape(', '.join(v.artifact for v in (*more_gguf, *more_gptq)))}")
+        from dataclasses import replace
+
+        r = replace(r, gguf=r.gguf + tuple(more_gguf), gptq=r.gptq + tuple(more_gptq))
 
     # -- bench ------------------------------------------------------------------------------------------
     rows, bench_meta = _bench(run, r, base_files[0], base_key, gguf_keys, gptq_keys, bench_text, versions)

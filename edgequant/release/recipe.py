@@ -264,6 +264,8 @@ class Recipe:
     card: CardSettings = CardSettings()
     base_dir: str = "."  # the recipe file's folder (the working folder for recipe_from_options)
     _origin: _Origin | None = field(default=None, compare=False, repr=False)
+    # after select(): the whole recipe's artifacts, so a release folder keeps publishing the ones --only left out
+    left_out: tuple = field(default=(), compare=False, repr=False)
 
     # -- resolved views for the orchestrator --
 
@@ -399,7 +401,9 @@ class Recipe:
         gptq_kept = tuple(v for i, v in enumerate(self.gptq) if i in keep_gptq)
         kept_names = {v.artifact for v in gguf_kept} | {v.artifact for v in gptq_kept} | set(self.base_artifact_names)
         gates = tuple(g for g in self.gates if g.artifact == "*" or g.artifact in kept_names)
-        return replace(self, gguf=gguf_kept, gptq=gptq_kept, gates=gates, _origin=None)
+        left_out = tuple(v for i, v in enumerate(self.gguf) if i not in keep_gguf) + \
+            tuple(v for i, v in enumerate(self.gptq) if i not in keep_gptq)
+        return replace(self, gguf=gguf_kept, gptq=gptq_kept, gates=gates, _origin=None, left_out=self.left_out + left_out)
 
 
 # -- loading -----------------------------------------------------------------------------------------
