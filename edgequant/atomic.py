@@ -67,9 +67,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def check_writable(finals: Sequence[Path], *, force: bool) -> None:
-    """Refuse to overwrite existing outputs unless ``force``."""
-    folders = [p for p in finals if p.is_dir()]
+def check_writable(finals: Sequence[Path], *, force: bool, folders_ok: bool = False) -> None:
+    """Refuse to overwrite existing outputs unless ``force``; a file output never replaces a folder
+    (``folders_ok`` for outputs that are folders themselves, as GPTQ checkpoints)."""
+    folders = [] if folders_ok else [p for p in finals if p.is_dir()]
     if folders:  # --force replaces a file, never a folder
         raise EdgequantError(f"output {folders[0]} is a folder; name a file, or pass the folder itself as -o")
     existing = [p for p in finals if p.exists()]

@@ -340,7 +340,7 @@ def test_weak_messages_name_the_problem(tiny_llama_dir, tmp_path):
     fails(["bench", f16, "--quality-only", "--text", str(binary), "--ctx", "64"], "looks binary")
     fails(["bench", f16, "--quality-only", "--text", str(tmp_path), "--ctx", "64"], "is a folder")
     fails(["bench", f16, "--quality-only", "--chunks", "-1", "--ctx", "64"], "--chunks -1: use a positive number")
-    fails(["bench", f16, "--quality-only", "--ctx", "100000000", "--chunks", "1"], "pass a smaller --ctx")  # before any load
+    fails(["bench", f16, "--quality-only", "--ctx", "100000000", "--chunks", "1"], "or a smaller --ctx")  # before any load
     report = tmp_path / "r.md"
     report.write_text("keep me")
     fails(["bench", f16, "--speed-only", "--pp", "8", "--tg", "2", "--reps", "1", "-o", str(report)], "output exists")

@@ -242,8 +242,8 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
     if corpus is not None:
         most = len(corpus.text.encode("utf-8")) + 1  # no tokenizer makes more tokens than bytes (+ BOS)
         if most < 2 * o.ctx:
-            raise EdgequantError(f"--ctx {o.ctx}: the text ({corpus.name}) holds at most {most} tokens, fewer than the 2 "
-                                 f"chunks of {o.ctx} perplexity needs; pass a smaller --ctx or a longer text")
+            raise EdgequantError(f"the text ({corpus.name}) holds at most {most} tokens, fewer than 2 chunks of {o.ctx} "
+                                 f"(perplexity needs 2 x --ctx); pass a longer text or a smaller --ctx")
     n_chunks = None
     if o.quality:
         n_chunks = _quality(rows, ref_row, corpus, o, qdev, threads, notes)

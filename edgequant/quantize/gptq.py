@@ -421,7 +421,7 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     check_output_folder(out_dir)
     name = _model_name(ckpt)
     finals = [out_dir / folder_name(name, b, group_size) for b in bit_list]
-    check_writable(finals, force=opts.force)
+    check_writable(finals, force=opts.force, folders_ok=True)  # each checkpoint is a folder
 
     corpus = load_text(opts.calibration)
     from transformers import AutoTokenizer
