@@ -296,10 +296,15 @@ def _index_safetensors(f: Path) -> list[TensorRef]:
 def _index_torch_bin(f: Path) -> list[TensorRef]:
     try:
         sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except OSError:
+        raise
     except Exception as e:
+        # torch's own advice ("set weights_only=False if you trust the source") would run the pickle's code
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise EdgequantError(
-            f"cannot load {f.name} with torch.load(weights_only=True): {e} (edgequant never unpickles arbitrary code; "
-            f"convert it to safetensors or re-download it)"
+            f"{f.name} is a pickle checkpoint that loads only by running code ({first}); edgequant never does. "
+            f"Re-download the model's .safetensors files, or convert it where you trust it: "
+            f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors"
         ) from None
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

@@ -375,3 +375,22 @@ def test_sentencepiece_tokenizer_json_is_not_written_as_byte_level_bpe(tiny_mist
         msg = " ".join(r.stderr.split())
         assert r.exit_code == 2 and "SentencePiece-style BPE" in msg and "copy tokenizer.model" in msg, r.output
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_pickle_checkpoint_refused_without_torchs_advice(tiny_llama_dir, tmp_path):
+    import fractions
+    import shutil
+
+    import torch
+
+    d = tmp_path / "legacy"
+    shutil.copytree(tiny_llama_dir, d)
+    for f in d.glob("*.safetensors*"):
+        f.unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "meta": fractions.Fraction(1, 3)}, d / "pytorch_model.bin")
+    r = runner.invoke(app, ["convert", str(d), "-o", str(tmp_path / "o")])
+    msg = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "pickle checkpoint that loads only by running code" in msg, r.output
+    assert "weights_only=False" not in msg and "Traceback" not in r.output
+    r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--chat-template", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder" in r.stderr

@@ -109,6 +109,8 @@ def _text(path: Path) -> str:
 
 
 def _from_file(path: Path) -> str:
+    if path.is_dir():
+        raise EdgequantError(f"--chat-template {path} is a folder; pass a .jinja or .json file")
     if not path.is_file():
         raise EdgequantError(f"--chat-template {path}: no such file")
     text = _text(path)

@@ -73,6 +73,8 @@ def write_imatrix(m: Imatrix, path: Path, *, force: bool = False) -> Path:
 
 def read_imatrix(path: Path) -> Imatrix:
     path = Path(path)
+    if path.is_dir():
+        raise EdgequantError(f"imatrix {path} is a folder; pass the imatrix .gguf file")
     if not path.is_file():
         raise EdgequantError(f"imatrix {path} does not exist; make one with: edgequant imatrix MODEL -o {path.name}")
     try:
