@@ -394,3 +394,22 @@ def test_pickle_checkpoint_refused_without_torchs_advice(tiny_llama_dir, tmp_pat
     assert "weights_only=False" not in msg and "Traceback" not in r.output
     r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--chat-template", str(tmp_path)])
     assert r.exit_code == 2 and "is a folder" in r.stderr
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama_dir, tmp_path):
+    """A real small file system (tmpfs, mounted where the test runs as root) that cannot hold the GGUF."""
+    import subprocess
+
+    import pytest
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        r = runner.invoke(app, ["convert", str(tiny_llama_dir), "-o", str(disk)])
+        msg = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and "not enough disk space" in msg and "Traceback" not in r.output, r.output
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
