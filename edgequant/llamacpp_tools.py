@@ -31,7 +31,8 @@ from edgequant.errors import EdgequantError
 
 TOOLS = ("llama-perplexity", "llama-bench", "llama-imatrix", "llama-quantize", "llama-gguf-split")
 CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=ON")
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=ON",
+              "-DCMAKE_BUILD_RPATH=$ORIGIN")  # the cached bin folder runs as it is: its libraries sit beside the tools
 ENV_SDIST = "EDGEQUANT_LLAMA_CPP_SDIST"
 ENV_BIN = "LLAMA_CPP_BIN"
 
