@@ -76,7 +76,7 @@ def main() -> None:
         args.model = fixtures.smollm2_hf()
     from transformers import AutoTokenizer
 
-    from edgequant.bench.text import load_text
+    from edgequant.text import load_text
     from edgequant.quantize.gptq import calibration_windows, folder_name
 
     work = Path(tempfile.mkdtemp(prefix="edgequant-gptq-bench-"))

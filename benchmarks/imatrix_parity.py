@@ -4,7 +4,7 @@
 For each model (default: SmolLM2-135M-Instruct, then the tiny random Mixtral of the test suite):
 
 1. convert the HF folder to an F16 GGUF (cached in the workdir) and write the built-in
-   calibration text (Python's documentation, ``edgequant.bench.text.builtin_text()``) to a file;
+   calibration text (Python's documentation, ``edgequant.text.builtin_text()``) to a file;
 2. compute an imatrix with ``edgequant imatrix`` (transformers, fp32 on CPU) and one with
    ``llama-imatrix -m F16.gguf -f text.txt -c CTX --chunks N -t THREADS --no-ppl -o theirs.gguf``
    (F16 weights, llama.cpp's CPU kernels), each in a fresh process (wall time, peak RSS);
@@ -172,7 +172,7 @@ def quantize_check(bins: Path, f16: Path, imatrix: Path, qtype: str, workdir: Pa
 
 def run_model(model: Path, workdir: Path, bins: Path | None, why: str | None, ctx: int, chunks: int,
               threads: int, qtype: str) -> ModelParity:
-    from edgequant.bench.text import builtin_text
+    from edgequant.text import builtin_text
 
     workdir.mkdir(parents=True, exist_ok=True)
     f16 = f16_for(model, workdir)

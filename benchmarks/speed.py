@@ -115,7 +115,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from edgequant.bench.backends import default_threads
+    from edgequant.devices import default_threads
     from edgequant.llamacpp import repack_policy
 
     a.threads = a.threads or default_threads()

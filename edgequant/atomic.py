@@ -134,3 +134,28 @@ def write_text(path: Path, text: str) -> Path:
     with atomic_outputs([path]) as (part,):
         part.write_text(text, encoding="utf-8")
     return path
+
+
+TMP_PREFIX = ".edgequant-tmp-"  # a temporary folder of one process: <folder>/.edgequant-tmp-<pid>
+
+
+def temp_dir(parent: Path) -> Path:
+    """This process's temporary folder inside ``parent`` (same file system: files move out by rename)."""
+    return parent / f"{TMP_PREFIX}{os.getpid()}"
+
+
+def remove_stale_temp_dirs(parent: Path) -> None:
+    """A run killed outright (SIGKILL, power loss) cannot clean up its temporary folder; the next run
+    in the same folder removes the folders whose process is gone."""
+    if not parent.is_dir():
+        return
+    for d in parent.glob(f"{TMP_PREFIX}*"):
+        pid = d.name[len(TMP_PREFIX):]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass

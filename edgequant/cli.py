@@ -161,7 +161,7 @@ def convert(
 ) -> None:
     """Convert a Hugging Face checkpoint into GGUF (tokenizer and chat template embedded)."""
     _trust(trust_remote_code)
-    from edgequant.export.convert import convert as do_convert
+    from edgequant.quantize.to_quant import convert as do_convert  # every --outtype, k-quants included
 
     result = _run(
         lambda: do_convert(

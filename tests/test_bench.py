@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from edgequant.bench import backends, report, speed
 from edgequant.bench.perplexity import gguf_perplexity
 from edgequant.bench.run import BenchOptions, run_bench
-from edgequant.bench.text import builtin_text
+from edgequant.text import builtin_text
 from edgequant.cli import app
 from edgequant.errors import EdgequantError
 from edgequant.export.convert import convert

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from edgequant.bench.perplexity import nll_of_next_tokens
-from edgequant.bench.text import builtin_text, chunk_ids
+from edgequant.text import builtin_text, chunk_ids
 from edgequant.checkpoint import TOKENIZER_FILES
 from edgequant.cli import app
 from edgequant.errors import EdgequantError

@@ -174,7 +174,7 @@ def test_card_and_manifest_publish_no_local_paths(tiny_mistral_dir, tmp_path):
     src = tmp_path / "work" / "my-finetune"
     shutil.copytree(tiny_mistral_dir, src)
     text = tmp_path / "work" / "eval.txt"
-    from edgequant.bench.text import builtin_text
+    from edgequant.text import builtin_text
 
     text.write_text(builtin_text()[:60_000])
     out = tmp_path / "work" / "dist"

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from edgequant.cli import app
 from edgequant.errors import EdgequantError
 from edgequant.export.convert import convert
+from edgequant.quantize.to_quant import convert as convert_any
 from edgequant.gguf_info import inspect_gguf
 from edgequant.quantize import types as qtypes
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
@@ -206,7 +207,7 @@ def test_options_and_convert_to_kquant(tiny_mistral_dir, tmp_path):
     stale = tmp_path / "direct" / ".edgequant-tmp-999999999"  # left by a run killed with SIGKILL
     stale.mkdir(parents=True)
     (stale / "model-F16.gguf").write_bytes(b"partial")
-    result = convert(tiny_mistral_dir, tmp_path / "direct", outtype="Q4_K_M")
+    result = convert_any(tiny_mistral_dir, tmp_path / "direct", outtype="Q4_K_M")
     assert result.outtype == "Q4_K_M" and result.files[0].endswith("-Q4_K_M.gguf")
     assert [p.name for p in (tmp_path / "direct").iterdir()] == [Path(result.files[0]).name]  # temp F16 removed
     with llama(result.files[0]) as llm:
@@ -214,7 +215,7 @@ def test_options_and_convert_to_kquant(tiny_mistral_dir, tmp_path):
 
 
 def test_convert_to_kquant_keeps_the_split(tiny_mixtral_dir, tmp_path):
-    result = convert(tiny_mixtral_dir, tmp_path, outtype="Q4_0", split_max_tensors=8)
+    result = convert_any(tiny_mixtral_dir, tmp_path, outtype="Q4_0", split_max_tensors=8)
     assert len(result.files) >= 3 and result.files[0].endswith(f"-Q4_0-00001-of-{len(result.files):05d}.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(f).name for f in result.files)
     with llama(result.files[0]) as llm:

@@ -21,38 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.devices import DEVICES, default_threads, parse_devices  # noqa: F401 - part of this module's API
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf
-
-DEVICES = ("cpu", "cuda")
-
-
-def parse_devices(spec: str | list[str] | None) -> list[str]:
-    """``"cpu,cuda"`` → ``["cpu", "cuda"]``; unknown names are an error, order is kept, no repeats."""
-    items = spec if isinstance(spec, list) else (spec or "cpu").split(",")
-    devices: list[str] = []
-    for d in (x.strip().lower() for x in items):
-        if d not in DEVICES:
-            raise EdgequantError(f"--device {d!r}: use cpu, cuda or both (cpu,cuda)")
-        if d not in devices:
-            devices.append(d)
-    if not devices:
-        raise EdgequantError("--device: name at least one of cpu, cuda")
-    return devices
-
-
-def default_threads() -> int:
-    """Physical cores, as llama.cpp's tools choose by default (llama-bench, llama-perplexity)."""
-    cores = set()
-    try:
-        for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
-            siblings = cpu / "topology" / "thread_siblings_list"
-            if siblings.is_file():
-                cores.add(siblings.read_text().strip())
-    except OSError:
-        pass
-    return len(cores) or os.cpu_count() or 1
-
 
 def model_kind(path: str | Path) -> str:
     """``gguf`` for a .gguf file, ``gptq`` for a folder with a GPTQ quantization_config, else ``hf``."""

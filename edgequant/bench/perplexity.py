@@ -22,7 +22,7 @@ import numpy as np
 
 from edgequant.bench.backends import LlamaCppBackend
 from edgequant.bench.quality import QualityAccumulator, nll_of_next_tokens  # noqa: F401 (re-exported)
-from edgequant.bench.text import Text, chunk_ids, load_text
+from edgequant.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf
 

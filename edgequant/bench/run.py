@@ -17,17 +17,18 @@ a model cannot use gives a row that says why (``absent``), never CPU numbers und
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgequant.bench.backends import cuda_absent_reason, default_threads, model_kind, open_backend, parse_devices
+from edgequant.bench.backends import cuda_absent_reason, model_kind, open_backend
+from edgequant.devices import default_threads, parse_devices
+from edgequant.env import host_info, versions
 from edgequant.bench.quality import CompressedReference, QualityAccumulator
 from edgequant.bench.speed import SpeedResult, measure_speed
-from edgequant.bench.text import Text, chunk_ids, load_text
+from edgequant.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
 from edgequant.progress import progress_count
 
@@ -155,45 +156,6 @@ def _check_devices(devices: list[str], kinds: set[str], quality: bool) -> str | 
                 f"({cuda_absent_reason(blocked[0])}); add cpu to --device"
             )
     return qdev if quality else None
-
-
-def host_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        gpu = None
-    from edgequant.llamacpp import repack_policy
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "physical_cores": default_threads(), "gpu": gpu,
-            "os": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_buffers": repack_policy().to_dict()}
-
-
-def versions() -> dict:
-    """Versions of everything that can change a number in the report."""
-    from importlib import metadata
-
-    out = {}
-    for dist in ("edgequant", "llama-cpp-python", "gguf", "torch", "transformers", "gptqmodel", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _token_mismatch(name: str, ref_name: str, ids: list[int], ref_ids: list[int]) -> EdgequantError:

@@ -26,7 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgequant.bench.backends import cuda_absent_reason, default_threads, model_kind
+from edgequant.bench.backends import cuda_absent_reason, model_kind
+from edgequant.devices import default_threads
 
 
 @dataclass

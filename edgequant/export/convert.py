@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,9 +76,8 @@ def convert(
     if output is not None and Path(output).suffix != ".gguf":
         check_output_folder(Path(output))
     if outtype.lower() not in (*OUTTYPES, "auto"):
-        return _convert_to_quant(source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
-                                 pre_tokenizer=pre_tokenizer, model_name=model_name, force=force,
-                                 split_max_size=split_max_size, split_max_tensors=split_max_tensors)
+        raise EdgequantError(f"--outtype {outtype}: this converter writes {', '.join(OUTTYPES)} or auto; llama.cpp's "
+                             f"quant types go through edgequant.quantize.to_quant.convert (what `edgequant convert` calls)")
     t0 = time.perf_counter()
     if template_bos not in ("keep", "add"):
         raise EdgequantError(f"--template-bos {template_bos!r}: use keep or add")
@@ -166,7 +163,7 @@ def _final_path(ckpt, arch, choices, ftype, output, model_name):
     return out / f"{stem}.gguf", meta
 
 
-def _base_path(source, output, model_name) -> Path:
+def planned_path(source, output, model_name=None) -> Path:
     """Where ``convert(source, output, outtype="auto")`` would write, without converting anything."""
     ckpt = open_checkpoint(source)
     arch = architecture_for(ckpt.hf_architecture)(ckpt)
@@ -212,55 +209,3 @@ def _check_vocab_rows(plan, n_tokens: int, config_vocab) -> None:
                 f"{t.sources[0] if t.sources else t.name} has {t.shape[0]} rows but the vocabulary has {n_tokens} tokens "
                 f"(config.json vocab_size {config_vocab}); the checkpoint is inconsistent: fix vocab_size or the weights"
             )
-
-
-def _convert_to_quant(source, output, *, outtype: str, **kw) -> ConvertResult:
-    """HF folder -> temporary 16-bit GGUF in the output folder -> llama.cpp quantizer; the
-    temporary file is removed afterwards, on failure and on Ctrl-C too."""
-    from edgequant.quantize import types as qtypes
-    from edgequant.quantize.gguf_quant import QuantizeOptions, output_name, quantize
-
-    qt = qtypes.get(outtype)  # unknown names fail here, listing the valid ones
-    if qt.needs_imatrix:
-        raise EdgequantError(
-            f"{qt.name} needs an importance matrix, which convert cannot make: convert to F16 first, then run "
-            f"`edgequant imatrix MODEL -o imatrix.gguf` and `edgequant quantize MODEL-F16.gguf {qt.name} --imatrix imatrix.gguf`"
-        )
-    out = Path(output) if output is not None else Path.cwd()
-    parent = out.parent if out.suffix == ".gguf" else out
-    early = out if out.suffix == ".gguf" else out / output_name(_base_path(source, parent, kw.get("model_name")), qt.name)
-    check_writable([early], force=kw.get("force", False))  # before minutes of 16-bit conversion, not after
-    _remove_stale_temp_dirs(parent)
-    tmp_dir = parent / f"{TMP_PREFIX}{os.getpid()}"
-    try:
-        base = convert(source, tmp_dir, outtype="auto", **kw)
-        target = out if out.suffix == ".gguf" else out / output_name(Path(base.files[0]), qt.name)
-        split = bool(kw.get("split_max_size") or kw.get("split_max_tensors"))  # shards in, same shards out
-        (q,) = quantize(base.files[0], [qt.name], target, QuantizeOptions(force=kw.get("force", False), keep_split=split))
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    base.files, base.outtype = q.files, q.type
-    base.size_bytes, base.bits_per_weight = q.size_bytes, q.bits_per_weight
-    base.seconds = round(base.seconds + q.seconds, 3)
-    base.fallbacks = base.fallbacks + [str(f) for f in q.fallbacks]
-    return base
-
-
-TMP_PREFIX = ".edgequant-tmp-"
-
-
-def _remove_stale_temp_dirs(parent: Path) -> None:
-    """A run killed outright (SIGKILL, power loss) cannot clean up its temporary 16-bit GGUF; the
-    next run in the same folder removes the folders whose process is gone."""
-    if not parent.is_dir():
-        return
-    for d in parent.glob(f"{TMP_PREFIX}*"):
-        pid = d.name[len(TMP_PREFIX):]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass

@@ -6,7 +6,7 @@ The work is split so that the quantizer can be replaced:
   windows and writes the weights, ``config.json`` (with ``quantization_config``) and
   ``quantize_config.json`` into a folder; :class:`GPTQModelBackend` does that with GPTQModel;
 * everything around it is ours: option checks (bits, group size against every input dimension),
-  calibration windows from :func:`edgequant.bench.text.load_text` (seeded), one
+  calibration windows from :func:`edgequant.text.load_text` (seeded), one
   ``<Name>-GPTQ-<bits>bit[-<g>g]`` folder per bit width written into ``<folder>.part/`` and renamed
   at the end (removed on any exception, Ctrl-C included), the source's tokenizer files and chat
   template copied byte for byte, a short README, and the per-layer error report.
@@ -40,11 +40,11 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch  # noqa: E402
 
 from edgequant.atomic import check_output_folder, check_writable, folder_lock  # noqa: E402
-from edgequant.bench.text import load_text  # noqa: E402
+from edgequant.text import load_text  # noqa: E402
 from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint  # noqa: E402
 from edgequant.errors import EdgequantError  # noqa: E402
 from edgequant.progress import progress_count  # noqa: E402
-from edgequant.quantize.imatrix import resolve_device  # noqa: E402
+from edgequant.devices import resolve_device  # noqa: E402
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZES = (128, 64, 32)  # the first one that divides every input dimension

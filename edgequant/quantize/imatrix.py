@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from edgequant.atomic import check_writable
-from edgequant.bench.text import chunk_ids, load_text
+from edgequant.text import chunk_ids, load_text
 from edgequant.checkpoint import open_checkpoint
+from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
 from edgequant.progress import progress_count
@@ -53,18 +54,6 @@ class ImatrixResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise EdgequantError(
-                f"--device cuda asked for, but torch {torch.__version__} sees no CUDA device (a CPU build, or no GPU); use --device cpu"
-            )
-        return torch.device("cuda")
-    if device != "cpu":
-        raise EdgequantError(f"--device {device!r}: use cpu or cuda")
-    return torch.device("cpu")
 
 
 class _Collector:

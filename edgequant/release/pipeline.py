@@ -58,8 +58,9 @@ def _now() -> str:
 
 
 def tool_versions() -> dict:
-    from edgequant.bench.run import versions
     import platform
+
+    from edgequant.env import versions
 
     v = versions()
     lcp = v.get("llama-cpp-python")
@@ -218,7 +219,7 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
     quiet_libraries()
     from transformers import AutoTokenizer
 
-    from edgequant.bench.text import load_text
+    from edgequant.text import load_text
     from edgequant.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(r.source_ref)
@@ -486,7 +487,7 @@ def _artifact_entry(run: _Run, art: str, kind: str, extra: dict) -> dict:
 
 def _manifest(run: _Run, r: Recipe, ckpt, fingerprint: str, versions: dict, rows: dict, bench_meta: dict,
               tokenizer, template_checks: dict, command: str | None) -> dict:
-    from edgequant.bench.run import host_info
+    from edgequant.env import host_info
     from edgequant.release.template_gate import example_prompt
 
     recs = run.st.data["artifacts"]

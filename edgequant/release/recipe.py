@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
 
 import gguf
 
-from edgequant.bench.text import BUILTIN_ALIASES, DATASETS
+from edgequant.text import BUILTIN_ALIASES, DATASETS
 from edgequant.errors import EdgequantError
 from edgequant.units import parse_size
 from edgequant.quantize import types as qtypes
@@ -304,7 +304,7 @@ class Recipe:
         return self.imatrix.device or ("cuda" if "cuda" in self.devices else "cpu")
 
     def text_source(self, which: str) -> str | None:
-        """``calibration``, ``imatrix`` or ``bench``: what ``edgequant.bench.text.load_text`` accepts
+        """``calibration``, ``imatrix`` or ``bench``: what ``edgequant.text.load_text`` accepts
         (None for the built-in corpus, a dataset name, or an absolute file path)."""
         if which == "imatrix":
             value = self.imatrix.text if self.imatrix.text is not None else self.calibration.text

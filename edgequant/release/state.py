@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgequant.atomic import PART_SUFFIX, atomic_outputs
+from edgequant.atomic import PART_SUFFIX, TMP_PREFIX, atomic_outputs
 from edgequant.errors import EdgequantError
 
 STATE_DIR = ".edgequant"
@@ -99,7 +99,7 @@ class Stages:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-        for tmp in self.root.glob(".edgequant-tmp-*"):
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _load(self) -> None:

@@ -1,0 +1,82 @@
+"""The package's layers point one way (docs/architecture.md): every import, module-level or inside a
+function, goes to the same layer or one below it, and no two packages import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "edgequant"
+
+# lowest first; a module may import its own layer and the ones before it
+LAYERS = ["base", "export", "quantize", "bench", "release", "top"]
+TOP = {"cli", "demo", "__main__"}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:  # the package itself (__version__)
+        return "base"
+    head = parts[1]
+    if head in TOP:
+        return "top"
+    if head in LAYERS:
+        return head
+    return "base"  # edgequant/<module>.py: errors, atomic, progress, units, env, devices, text, ...
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name.removesuffix(".__init__")] = f
+    return out
+
+
+def imports(path: Path, module: str) -> list[tuple[str, int]]:
+    found = []
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "edgequant"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.split(".")[0] == "edgequant":
+                found.append((name, node.lineno))
+    return found
+
+
+def test_imports_point_down_the_layers():
+    wrong = []
+    for module, path in sorted(modules().items()):
+        mine = LAYERS.index(layer(module))
+        for target, line in imports(path, module):
+            if LAYERS.index(layer(target)) > mine:
+                wrong.append(f"{path.relative_to(ROOT.parent)}:{line}: {layer(module)} imports {target} ({layer(target)})")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_no_package_imports_another_that_imports_it():
+    edges: dict[str, set[str]] = {}
+    for module, path in modules().items():
+        a = layer(module)
+        for target, _ in imports(path, module):
+            b = layer(target)
+            if a != b:
+                edges.setdefault(a, set()).add(b)
+    cycles = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, set()))
+    assert not cycles, cycles
+
+
+def test_the_checker_sees_wrong_imports(tmp_path):
+    """The rule itself: a base module importing the release layer is caught, a release module importing base is not."""
+    assert LAYERS.index(layer("edgequant.release.pipeline")) > LAYERS.index(layer("edgequant.atomic"))
+    assert layer("edgequant.quantize.to_quant") == "quantize" and layer("edgequant.cli") == "top"
+    f = tmp_path / "probe.py"
+    f.write_text("from edgequant.release.pipeline import release\ndef f():\n    import edgequant.bench.run\n")
+    assert [t for t, _ in imports(f, "edgequant.probe")] == ["edgequant.release.pipeline", "edgequant.bench.run"]
