@@ -50,13 +50,18 @@ class GGUFInfo:
         return d
 
 
+def shard_name(stem: str, i: int, n: int) -> str:
+    """``<stem>-0000i-of-0000n.gguf``: the shard names llama.cpp's gguf-split writes (gguf-py's format)."""
+    return gguf.SHARD_NAME_FORMAT.format(stem, i, n)
+
+
 def shard_paths(path: Path) -> list[Path]:
     """All shards of a split GGUF given any one of them (or the file itself)."""
     m = _SHARD.match(path.name)
     if not m:
         return [path]
     n = int(m.group("n"))
-    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    paths = [path.with_name(shard_name(m.group("stem"), i, n)) for i in range(1, n + 1)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise EdgequantError(f"split GGUF is incomplete: {missing[0]} is missing; copy every shard next to the first")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 
-BUILTIN = "pydoc"
 BUILTIN_ALIASES = {None, "", "builtin", "pydoc", "python-docs"}
 DATASETS = {"wikitext-2": ("wikitext", "wikitext-2-raw-v1", "test")}
 

@@ -29,7 +29,7 @@ import llama_cpp
 
 from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, folder_lock
 from edgequant.errors import EdgequantError
-from edgequant.gguf_info import inspect_gguf, shard_paths
+from edgequant.gguf_info import inspect_gguf, shard_name, shard_paths
 from edgequant.progress import progress_count
 from edgequant.quantize import types as qtypes
 from edgequant.quantize.imatrix_file import Imatrix, check_matches_model, read_imatrix
@@ -362,7 +362,7 @@ def _check_overrides_fit(info, opts: QuantizeOptions) -> None:
 
 def _split_finals(final: Path, n: int) -> list[Path]:
     stem = final.name.removesuffix(".gguf")
-    return [final.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    return [final.with_name(shard_name(stem, i, n)) for i in range(1, n + 1)]
 
 
 def _check_rc(rc: int, t: qtypes.QuantType, errors: list[str]) -> None:

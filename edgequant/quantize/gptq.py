@@ -254,12 +254,9 @@ def _layer_errors(log) -> list[LayerError]:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
+    import numpy as np
 
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed)
 
 
 # --------------------------------------------------------------------------- #

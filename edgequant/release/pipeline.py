@@ -27,6 +27,7 @@ from rich.markup import escape
 from edgequant import __version__
 from edgequant.atomic import atomic_outputs, check_output_folder, write_text
 from edgequant.errors import EdgequantError, GateFailed
+from edgequant.gguf_info import shard_name
 from edgequant.release.recipe import Recipe
 from edgequant.release.state import STATE_DIR, Stages, combined_sha256, stage_key
 
@@ -303,7 +304,7 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
                 n = len(files)
                 moved = []
                 for i, f in enumerate(sorted(files), 1):
-                    final = out / f"{r.name}-{v.artifact}-{i:05d}-of-{n:05d}.gguf"
+                    final = out / shard_name(f"{r.name}-{v.artifact}", i, n)
                     os.replace(f, final)
                     moved.append(final)
                 shutil.rmtree(dest, ignore_errors=True)
