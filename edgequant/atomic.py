@@ -12,6 +12,7 @@ two edgequant processes writing into one folder never mix their files: the secon
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import uuid
@@ -26,12 +27,6 @@ PART_SUFFIX = ".part"
 def part_path(final: Path) -> Path:
     """A temporary name beside ``final`` that no other write (this process or another) uses."""
     return final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 _held: dict[str, list] = {}  # folder -> [fd, depth]: this process's folder locks (re-entrant)
@@ -106,24 +101,18 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
         for folder in dict.fromkeys(p.parent for p in parts):
             locks.enter_context(folder_lock(folder))
         for final in finals:  # under the lock no other process writes here: what is left is a killed run's
-            for stale in final.parent.glob(f"{glob_escape(final.name)}.*{PART_SUFFIX}"):
+            for stale in final.parent.glob(f"{glob.escape(final.name)}.*{PART_SUFFIX}"):
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     stale.unlink()
         try:
             yield parts
-        except BaseException:
-            for p in parts:
-                with contextlib.suppress(OSError):  # a read-only folder fails again here: report the first error
-                    p.unlink()
-            raise
-        try:
             for p, final in zip(parts, finals):
                 if not p.exists():
                     raise RuntimeError(f"internal error: {p} was not written")
                 os.replace(p, final)
-        except BaseException:
+        except BaseException:  # the write or a rename failed: no .part is left behind
             for p in parts:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # a read-only folder fails again here: report the first error
                     p.unlink()
             raise
 
