@@ -30,6 +30,7 @@ from edgequant.bench.quality import CompressedReference, QualityAccumulator
 from edgequant.bench.speed import SpeedResult, measure_speed
 from edgequant.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
+from edgequant.naming import gptq_label_from_config
 from edgequant.progress import progress_count
 
 SCHEMA = "edgequant.bench/1"
@@ -115,7 +116,7 @@ def describe_model(path: str | Path, kind: str) -> ModelRow:
     config = ckpt.config
     if kind == "gptq":
         q = config.get("quantization_config") or {}
-        bits, group = q.get("bits"), q.get("group_size")
+        bits = q.get("bits")
         n_params = 0
         for name, ref in ckpt.tensors.items():
             numel = int(np.prod(ref.shape)) if ref.shape else 1
@@ -123,7 +124,7 @@ def describe_model(path: str | Path, kind: str) -> ModelRow:
                 n_params += numel * 32 // int(bits)
             elif not name.endswith((".qzeros", ".scales", ".g_idx")):
                 n_params += numel
-        label = f"GPTQ-{bits}bit" + (f"-{group}g" if group and int(group) > 0 else "")
+        label = gptq_label_from_config(q)
     else:
         n_params = sum(int(np.prod(r.shape)) if r.shape else 1 for r in ckpt.tensors.values())
         label = str(ckpt.source_dtype() or config.get("torch_dtype") or config.get("dtype") or "hf").replace("torch.", "")

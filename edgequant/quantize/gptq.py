@@ -42,7 +42,9 @@ import torch  # noqa: E402
 from edgequant.atomic import check_output_folder, check_writable, folder_lock  # noqa: E402
 from edgequant.text import load_text  # noqa: E402
 from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint  # noqa: E402
-from edgequant.errors import EdgequantError  # noqa: E402
+from edgequant.errors import EdgequantError  # noqa
+from edgequant.naming import gptq_folder, gptq_label  # noqa
+from edgequant.quantize.gptq_options import GPTQOptions  # noqa: F401 (re-exported): E402
 from edgequant.progress import progress_count  # noqa: E402
 from edgequant.devices import resolve_device  # noqa: E402
 
@@ -95,23 +97,6 @@ class GPTQBackend(Protocol):
         weights, ``config.json`` with ``quantization_config`` and ``quantize_config.json`` into
         ``workdir``; call ``on_layer(i)`` when decoder layer ``i`` is done."""
         ...
-
-
-@dataclass
-class GPTQOptions:
-    group_size: int | None = None  # None: 128, or the largest of 64/32 dividing every input dimension
-    desc_act: bool = False  # act-order: quantize columns by decreasing activation (g_idx permuted)
-    sym: bool = True
-    damp_percent: float = 0.05  # GPTQModel's default for GPTQ (the paper's code used 0.01)
-    true_sequential: bool = True
-    calibration: str | Path | None = None  # a text file or the built-in corpus (load_text)
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 1
-    force: bool = False
-    backend: GPTQBackend | None = None  # default: GPTQModelBackend()
 
 
 @dataclass
@@ -323,9 +308,9 @@ def parse_bits(bits) -> list[int]:
     return sorted(out)
 
 
-def folder_name(model_name: str, bits: int, group_size: int) -> str:
-    """``Name-GPTQ-4bit-128g``; one group per row (-1) has no group suffix: ``Name-GPTQ-4bit``."""
-    return f"{model_name}-GPTQ-{bits}bit" + (f"-{group_size}g" if group_size != -1 else "")
+def folder_name(model_name: str, bits: int, group_size: int, desc_act: bool = False, sym: bool = True) -> str:
+    """``Name-GPTQ-4bit-128g`` (``edgequant.naming``: ``-perchannel`` for group size -1, ``-act``, ``-asym``)."""
+    return gptq_folder(model_name, gptq_label(bits, group_size, desc_act, sym))
 
 
 def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int) -> list[list[int]]:
@@ -417,7 +402,7 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     out_dir = Path(output) if output is not None else Path.cwd()
     check_output_folder(out_dir)
     name = _model_name(ckpt)
-    finals = [out_dir / folder_name(name, b, group_size) for b in bit_list]
+    finals = [out_dir / folder_name(name, b, group_size, opts.desc_act, opts.sym) for b in bit_list]
     check_writable(finals, force=opts.force, folders_ok=True)  # each checkpoint is a folder
 
     corpus = load_text(opts.calibration)

@@ -28,6 +28,7 @@ from edgequant import __version__
 from edgequant.atomic import atomic_outputs, check_output_folder, write_text
 from edgequant.errors import EdgequantError, GateFailed
 from edgequant.gguf_info import shard_name
+from edgequant.naming import gptq_folder
 from edgequant.release.recipe import Recipe
 from edgequant.release.state import STATE_DIR, Stages, combined_sha256, stage_key
 
@@ -329,7 +330,7 @@ def _release(run: _Run, r: Recipe, command: str | None, t0: float) -> ReleaseRes
     for v in r.gptq:
         key = gptq_key(v, cal_text.sha256)
         gptq_keys[v.artifact] = key
-        target = out / f"{r.name}-{v.artifact}"
+        target = out / gptq_folder(r.name, v.artifact)
 
         def make_gptq(v=v, target=target):
             from edgequant.quantize.gptq import GPTQOptions, gptq

@@ -42,6 +42,7 @@ import gguf
 
 from edgequant.text import BUILTIN_ALIASES, DATASETS
 from edgequant.errors import EdgequantError
+from edgequant.naming import gptq_label
 from edgequant.units import parse_size
 from edgequant.quantize import types as qtypes
 
@@ -123,8 +124,7 @@ class GPTQVariant:
     @property
     def canonical_name(self) -> str:
         """``GPTQ-4bit-128g``; ``-perchannel`` for group_size -1; ``-act`` with desc_act; ``-asym`` without sym."""
-        group = f"{self.group_size}g" if self.group_size > 0 else "perchannel"
-        return f"GPTQ-{self.bits}bit-{group}" + ("-act" if self.desc_act else "") + ("" if self.sym else "-asym")
+        return gptq_label(self.bits, self.group_size, self.desc_act, self.sym)
 
     @property
     def artifact(self) -> str:
