@@ -13,6 +13,11 @@ from edgequant.export.plan import Part, PlannedTensor
 
 _MISSING = object()
 
+# convert --sliding-window: "exact" writes a window the runtime honours where llama.cpp has an architecture
+# for it; "ignore" writes the family's usual architecture, whose runtime may attend to the whole context.
+SLIDING_WINDOW_MODES = ("ignore", "exact")
+DEFAULT_SLIDING_WINDOW = "ignore"
+
 
 class Architecture:
     """One model family: its GGUF architecture, its hyperparameters and its tensor layout."""
@@ -22,7 +27,10 @@ class Architecture:
     # HF tensor names that carry nothing llama.cpp needs
     ignored = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, *, sliding_window: str = DEFAULT_SLIDING_WINDOW):
+        if sliding_window not in SLIDING_WINDOW_MODES:
+            raise EdgequantError(f"--sliding-window {sliding_window!r}: use {' or '.join(SLIDING_WINDOW_MODES)}")
+        self.sliding_window_mode = sliding_window
         self.ckpt = ckpt
         self.config = ckpt.config
         self.notes: list[str] = []  # decisions and fallbacks the user must be told about
@@ -31,7 +39,14 @@ class Architecture:
 
     @property
     def arch_name(self) -> str:
+        """The GGUF ``general.architecture`` (and the prefix of its keys)."""
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    @property
+    def window(self) -> str | None:
+        """How the file treats the model's sliding window: ``exact``, ``ignored`` (the runtime attends to
+        the whole context), or None when the model has no window shorter than its context."""
+        return None
 
     def hparam(self, *keys: str, default: Any = _MISSING) -> Any:
         for k in keys:

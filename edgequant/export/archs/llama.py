@@ -7,9 +7,13 @@ Layout rules (llama.cpp's, see docs/adding-an-architecture.md):
   ``mlp.experts.gate_up_proj`` / ``down_proj`` are read. The router (``ffn_gate_inp``) stays F32.
 - A Llama 3 ``rope_type: llama3`` config becomes a ``rope_freqs`` tensor of per-dimension factors.
 - Mistral's sliding window: llama.cpp's ``llama`` architecture always attends to the whole context
-  and never reads a window key. We write ``llama.attention.sliding_window`` as information only
-  and say, when the window is shorter than the context, that beyond it llama.cpp differs from
-  transformers (as with every Mistral GGUF made by llama.cpp's own converter).
+  and never reads a window key. With ``sliding_window="ignore"`` we write ``llama`` and
+  ``llama.attention.sliding_window`` as information only, and say that beyond the window llama.cpp
+  differs from transformers (as with every Mistral GGUF made by llama.cpp's own converter). With
+  ``"exact"`` a dense model whose window is shorter than its context becomes ``granite_swa``: the
+  same block, tensors and RoPE layout (so the same Q/K permutation) plus a per-layer window
+  (every layer sliding), a ``logit_scale`` of 1 and per-head ``attn_sinks`` of -1e30, which add
+  nothing to the softmax; llama.cpp then equals transformers past the window too.
 """
 
 from __future__ import annotations
@@ -32,14 +36,16 @@ _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.expe
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _EXPERT_TENSOR = {"gate": T.FFN_GATE_EXP, "up": T.FFN_UP_EXP, "down": T.FFN_DOWN_EXP}
+EXACT_WINDOW_ARCH = "granite_swa"  # llama.cpp PR #25505 (July 2026); llama-cpp-python 0.3.36 has it
+NO_SINK = -1e30  # an attention sink whose exp() is 0: the softmax is the plain one
 
 
 @register("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
 class Llama(Architecture):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
 
-    def __init__(self, ckpt):
-        super().__init__(ckpt)
+    def __init__(self, ckpt, **options):
+        super().__init__(ckpt, **options)
         self.n_head = self.positive_int("num_attention_heads")
         self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
         self.n_embd = self.positive_int("hidden_size")
@@ -53,11 +59,30 @@ class Llama(Architecture):
         self.rope_type = self.rope.get("rope_type", self.rope.get("type"))
         if self.rope_type == "default":
             self.rope_type = None
+        self.n_ctx = int(self.hparam("max_position_embeddings"))
+        window = self.config.get("sliding_window")
+        self.sliding_window = int(window) if window else None
+        self.window_shorter = bool(self.sliding_window and self.sliding_window < self.n_ctx)
+        self.exact_window = self.window_shorter and self.sliding_window_mode == "exact" and self.exact_window_possible()
+
+    def exact_window_possible(self) -> bool:
+        """Dense blocks only: the MoE path of granite_swa has not been compared with Mixtral here."""
+        return True
+
+    @property
+    def arch_name(self) -> str:
+        return EXACT_WINDOW_ARCH if self.exact_window else super().arch_name
+
+    @property
+    def window(self) -> str | None:
+        if not self.window_shorter:
+            return None
+        return "exact" if self.exact_window else "ignored"
 
     # -- hyperparameters ----------------------------------------------------------------------
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
-        n_ctx = int(self.hparam("max_position_embeddings"))
+        n_ctx = self.n_ctx
         w.add_vocab_size(int(self.hparam("vocab_size")))
         w.add_context_length(n_ctx)
         w.add_embedding_length(self.n_embd)
@@ -72,16 +97,29 @@ class Llama(Architecture):
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
         self._write_rope_scaling(w)
-        window = self.config.get("sliding_window")
-        if window:
-            w.add_sliding_window(int(window))
-            if int(window) < n_ctx:
-                self.notes.append(
-                    f"sliding window {window} < context {n_ctx}: llama.cpp's llama architecture attends to the full "
-                    f"context (it ignores the window, like llama.cpp's own converter); up to {window} tokens the "
-                    f"logits equal transformers', beyond that they differ. Written as llama.attention.sliding_window "
-                    f"for information."
-                )
+        if self.sliding_window:
+            w.add_sliding_window(self.sliding_window)
+        self._write_window_mode(w)
+
+    def _write_window_mode(self, w: gguf.GGUFWriter) -> None:
+        """The exact window's keys, and a note on what the file does past the window either way."""
+        window, n_ctx = self.sliding_window, self.n_ctx
+        if self.exact_window:
+            w.add_sliding_window_pattern([True] * self.n_blocks)  # every layer slides, as in Mistral
+            w.add_logit_scale(1.0)
+            self.notes.append(
+                f"sliding window {window} < context {n_ctx}: written as llama.cpp's {EXACT_WINDOW_ARCH} architecture "
+                f"(the llama block with a per-layer window), so llama.cpp equals transformers at every length; "
+                f"llama.cpp builds before PR #25505 (July 2026) and the Ollama / LM Studio versions that bundle them "
+                f"cannot load it (--sliding-window ignore writes the llama architecture)")
+        elif self.window_shorter:
+            how = ("--sliding-window exact is not offered for mixture-of-experts models yet"
+                   if self.sliding_window_mode == "exact" else "--sliding-window exact writes a file that honours it")
+            self.notes.append(
+                f"sliding window {window} < context {n_ctx}: llama.cpp's llama architecture attends to the full "
+                f"context (it ignores the window, like llama.cpp's own converter); up to {window} tokens the "
+                f"logits equal transformers', beyond that they differ ({how}). Written as "
+                f"llama.attention.sliding_window for information.")
 
     def _write_rope_scaling(self, w: gguf.GGUFWriter) -> None:
         kind, factor = self.rope_type, self.rope.get("factor")
@@ -170,6 +208,10 @@ class Llama(Architecture):
 
         for bid, found in sorted(experts.items()):
             blocks[bid].extend(self._expert_stacks(bid, found))
+        if self.exact_window:
+            for bid, block in enumerate(blocks):
+                sinks = np.full(self.n_head, NO_SINK, dtype=np.float32)
+                block.append(PlannedTensor(name=self.tensor_name(T.ATTN_SINKS, bid), parts=[Part(data=sinks)], keep_f32=True))
         self._check_complete(head, blocks, tail)
         return head + [t for b in blocks for t in b] + tail
 
@@ -229,6 +271,9 @@ class Llama(Architecture):
 @register("MixtralForCausalLM")
 class Mixtral(Llama):
     """Mixtral: the llama layout plus 3-D expert stacks and an F32 router."""
+
+    def exact_window_possible(self) -> bool:
+        return False
 
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
