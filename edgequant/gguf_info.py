@@ -16,6 +16,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 
+KEY_SLIDING_WINDOW = "edgequant.sliding_window"  # convert's record: "exact" or "ignored"
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
@@ -42,6 +43,9 @@ class GGUFInfo:
     chat_template: str | None
     metadata: dict[str, Any]
     tensors: list[TensorSummary] = field(default_factory=list)
+    # "exact": the runtime honours the model's sliding window; "ignored": it attends to the whole context
+    # (llama.cpp's llama architecture); None: no window shorter than the context, or one the runtime knows
+    sliding_window: str | None = None
 
     def to_dict(self, with_tensors: bool = True) -> dict:
         d = asdict(self)
@@ -195,5 +199,20 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         chat_template=metadata.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE),
         metadata=metadata,
         tensors=tensors,
+        sliding_window=_sliding_window(metadata),
     )
+
+
+def _sliding_window(metadata: dict) -> str | None:
+    """What the file does with a sliding window (convert's key, or what a file from another tool implies)."""
+    if metadata.get(KEY_SLIDING_WINDOW) in ("exact", "ignored"):
+        return metadata[KEY_SLIDING_WINDOW]
+    arch = metadata.get(gguf.Keys.General.ARCHITECTURE)
+    window = metadata.get(f"{arch}.attention.sliding_window")
+    if not window:
+        return None
+    if metadata.get(f"{arch}.attention.sliding_window_pattern") is not None:
+        return "exact"
+    n_ctx = metadata.get(f"{arch}.context_length")
+    return "ignored" if arch == "llama" and (n_ctx is None or window < n_ctx) else None
 
