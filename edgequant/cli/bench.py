@@ -1,7 +1,7 @@
 """``edgequant bench``: perplexity, KLD and speed of GGUF files and HF/GPTQ folders, as a table, JSON, CSV
 or Markdown, optionally written to a file and plotted.
 
-The defaults are ``BenchOptions``'s, so the CLI and the recipe cannot disagree."""
+The defaults are ``BenchOptions``'s: each is written once, in the library."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from typing import Optional
 
 import typer
 
-from edgequant.bench.run import BenchOptions
+from edgequant.atomic import check_output_folder, check_writable, write_text
+from edgequant.bench import report as rep
+from edgequant.bench.run import BenchOptions, run_bench
 from edgequant.cli.options import JsonOpt, RepackOpt, TrustOpt, VerboseOpt, llama_options, trust
 from edgequant.cli.output import Table, err, fail, out, run, say
 from edgequant.errors import EdgequantError
 
-D = BenchOptions()
+D = BenchOptions()  # the library's defaults, shown in --help
 FORMATS = ("table", "json", "csv", "md")
 
 
@@ -50,8 +52,6 @@ def bench(
     """Perplexity, KL divergence and tokens/sec of GGUF files and HF/GPTQ folders, as llama.cpp's tools measure them."""
     trust(trust_remote_code)
     llama_options(repack, verbose)
-    from edgequant.bench import report as rep
-    from edgequant.bench.run import run_bench
 
     if json_schema:
         print(json.dumps(rep.JSON_SCHEMA, indent=2))
@@ -66,6 +66,7 @@ def bench(
     )
 
     def work():
+        """Check the output files, then measure."""
         _check_targets([output, plot], force)  # before the measuring, not after
         return run_bench(list(models or []), opts)
 
@@ -79,8 +80,6 @@ def bench(
 
 def _check_targets(targets: list[Optional[Path]], force: bool) -> None:
     """Each ``-o`` / ``--plot`` file can be written: its folder exists, it is not a folder, it is new or ``--force``."""
-    from edgequant.atomic import check_output_folder, check_writable
-
     for target in targets:
         if target is not None:
             check_output_folder(target.parent if str(target.parent) else Path("."))
@@ -91,16 +90,12 @@ def _check_targets(targets: list[Optional[Path]], force: bool) -> None:
 
 def _renderers(report) -> dict:
     """The report as text in each file format."""
-    from edgequant.bench import report as rep
-
-    return {"json": lambda: report.to_json() + "\n", "csv": lambda: rep.to_csv(report), "md": lambda: rep.to_markdown(report)}
+    return {"json": lambda: report.to_json() + "\n", "csv": lambda: rep.to_csv(report),
+            "md": lambda: rep.to_markdown(report)}
 
 
 def _write_files(report, fmt: str, output: Optional[Path], plot: Optional[Path]) -> None:
-    """``-o``: the report in ``--format`` (for ``table``, the file's suffix; Markdown by default); ``--plot``: the PNG."""
-    from edgequant.atomic import write_text
-    from edgequant.bench import report as rep
-
+    """``-o``: the report in ``--format`` (for ``table``: by the file's suffix, else Markdown); ``--plot``: the PNG."""
     quiet = fmt == "json"
     if output is not None:
         kind = fmt if fmt != "table" else {".json": "json", ".csv": "csv", ".md": "md"}.get(output.suffix.lower(), "md")
@@ -114,8 +109,6 @@ def _write_files(report, fmt: str, output: Optional[Path], plot: Optional[Path])
 
 def _render(report) -> None:
     """The table (wide when piped), the settings line, then absent rows and notes on stderr."""
-    from edgequant.bench import report as rep
-
     header, cells = rep.display_rows(report)
     table = Table(*header, title="edgequant bench")
     for row in cells:

@@ -1,6 +1,6 @@
 """``edgequant gptq``: GPTQ checkpoints of an HF model, one folder per bit width.
 
-The defaults are ``GPTQOptions``'s (torch-free), so the CLI and the recipe cannot disagree."""
+The defaults are ``GPTQOptions``'s (torch-free): each is written once, in the library."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from edgequant.cli.output import Table, err, out, run, say, show
 from edgequant.quantize.gptq_options import GPTQOptions
 from edgequant.units import human_size
 
-D = GPTQOptions()
+D = GPTQOptions()  # the library's defaults, shown in --help
 
 
 def gptq(
