@@ -57,7 +57,7 @@ class Key:
     """What the schema says about one key, besides its type and default (the field's)."""
 
     doc: str
-    check: str | None = None  # a named check beyond the type: build.CHECKS (or build's own for source/name/output/gguf)
+    check: str | None = None  # a check beyond the type: one of build.CHECKS, "size", or read by build's own code
     choices: tuple = ()
     minimum: int | None = None
     hint: str = ""  # appended to a choices or minimum message
