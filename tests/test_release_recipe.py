@@ -10,7 +10,8 @@ import pytest
 
 from edgequant.errors import EdgequantError
 from edgequant.release.recipe import (
-    FLAGS, TABLES, Gate, Recipe, find_line, load_recipe, recipe_from_dict, recipe_from_options, to_toml,
+    FLAGS, TABLES, BenchSettings, Gate, GPTQVariant, Recipe, find_line, load_recipe, parse_flag_args, recipe_from_dict,
+    recipe_from_options, to_toml,
 )
 
 
@@ -469,3 +470,68 @@ def test_docs_example_loads(tmp_path):
     r = load_recipe(write(tmp_path, example))
     assert "IQ2_XS" in r.artifact_names and r.gguf[r.artifact_names.index("IQ2_XS")].imatrix
     assert r.artifact_names[-2:] == ["GPTQ-4bit-128g", "GPTQ-8bit-32g-act"]
+
+
+def test_defaults_come_from_the_library_options():
+    """GPTQ and bench defaults are the library's (GPTQOptions, BenchOptions), named in each key's metadata."""
+    from edgequant.bench.run import BenchOptions
+    from edgequant.quantize.gptq_options import GPTQOptions
+    from edgequant.release.recipe.schema import SECTIONS, key_fields, spec
+
+    options = {"BenchOptions": BenchOptions(), "GPTQOptions": GPTQOptions()}
+    mirrored = {}
+    for section, cls in SECTIONS.items():
+        for f in key_fields(cls):
+            if spec(f).option:
+                owner, name = spec(f).option.split(".")
+                assert f.default == getattr(options[owner], name), (section, f.name)
+                mirrored[f"{section}.{f.name}"] = name
+    assert mirrored["bench.repetitions"] == "reps" and mirrored["bench.pp_tokens"] == "pp" and mirrored["gptq.samples"] == "samples"
+    assert BenchSettings().repetitions == 5 and GPTQVariant().samples == 128 and GPTQVariant().damp_percent == 0.05
+
+
+def test_parse_flag_args():
+    args = ["--bench-ctx", "256", "--gguf", "Q8_0", "--gguf=Q2_K:imatrix", "--no-keep-base", "--bench-speed",
+            "--template-gate", "false", "--device", "cuda", "--gate", "*:ppl<=3", "--card-tag", "a", "--card-tags", "b",
+            "--name", "1.5", "--split-max-size", "2G", "--imatrix-default=true", "--bench-flash-attn"]
+    assert parse_flag_args(args) == {
+        "bench_ctx": 256, "gguf": ["Q8_0", "Q2_K:imatrix"], "keep_base": False, "bench_speed": True, "template_gate": False,
+        "devices": ["cuda"], "gates": ["*:ppl<=3"], "card_tags": ["a", "b"], "name": "1.5", "split_max_size": "2G",
+        "imatrix_default": True, "bench_flash_attn": True}
+    assert parse_flag_args(["--bench-chunks", "1.5", "--card-license", "mit"]) == {"bench_chunks": 1.5, "card_license": "mit"}
+    for bad, message in [(["--bench-ctxx", "3"], "unknown option --bench-ctxx (did you mean --bench-ctx?); every recipe key has a flag"),
+                         (["--source", "x"], "unknown option --source"),
+                         (["--name"], "--name needs a value"),
+                         (["Q8_0"], "unexpected argument 'Q8_0'; recipe options are --name VALUE")]:
+        with pytest.raises(EdgequantError) as e:
+            parse_flag_args(bad)
+        assert str(e.value).startswith(message), (bad, str(e.value))
+
+
+def test_flag_args_make_the_recipe(folder):
+    r = recipe_from_options(str(folder / "model"), **parse_flag_args(["--gguf", "Q8_0,Q2_K:imatrix", "--gptq", "4:64",
+                                                                      "--no-bench-speed", "--device", "cpu"]))
+    assert r.artifact_names == ["Q8_0", "Q2_K", "GPTQ-4bit-64g"] and r.gguf[1].imatrix and not r.bench.speed
+    with pytest.raises(EdgequantError, match=r"^--device: devices: unknown device 'tpu'"):
+        recipe_from_options(str(folder / "model"), **parse_flag_args(["--device", "tpu"]))
+
+
+def test_docs_list_every_key_with_its_default():
+    """docs/recipe.md has a row for every key of TABLES, showing its number and string defaults."""
+    import json
+    import re
+
+    from edgequant.release.recipe.schema import SECTIONS, key_fields
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "recipe.md").read_text()
+    headings = {"release": "### `[release]`", "gguf": "### GGUF types", "gptq": "### `[[gptq]]`", "imatrix": "### `[imatrix]`",
+                "calibration": "### `[calibration]`", "bench": "### `[bench]`", "gates": "### `[[gates]]`", "card": "### `[card]`"}
+    for section, cls in SECTIONS.items():
+        body = re.split(r"\n##", doc.split(headings[section] + "\n", 1)[1], maxsplit=1)[0]
+        rows = {cell: line for line in body.splitlines() if line.startswith("| `")
+                for cell in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+        for f in key_fields(cls):
+            assert f.name in rows, (section, f.name)
+            default = f.default
+            if isinstance(default, (int, float, str)) and not isinstance(default, bool):
+                assert f"`{json.dumps(default)}`" in rows[f.name], (section, f.name, default)
