@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -52,9 +52,9 @@ def release(
 
 def _load_recipe(target: str, args: list[str], output: Optional[Path], only: list[str]):
     """The recipe file with the flags on top, or a one-off recipe from a model and the flags; ``--only`` selects."""
-    from edgequant.release.recipe import load_recipe, recipe_from_options
+    from edgequant.release.recipe import load_recipe, parse_flag_args, recipe_from_options
 
-    flags = parse_release_flags(args)
+    flags = parse_flag_args(args)
     if output is not None:
         flags["output"] = str(output.resolve())  # relative to where the command runs, not the recipe
     path = Path(target)
@@ -93,57 +93,3 @@ def _render(result) -> None:
         out.print(f"  gate {mark} {escape(str(g['gate']))} ({escape(str(g['artifact']))}: {escape(str(g['value']))})",
                   highlight=False)
     out.print(f"model card: {result.card}\nmanifest: {result.manifest}", markup=False, highlight=False)
-
-
-_RELEASE_BOOL_FLAGS = {"keep_base", "template_gate", "imatrix_default", "bench_speed", "bench_flash_attn"}
-_RELEASE_LIST_FLAGS = {"gguf", "gptq", "gates", "devices", "card_tags"}
-
-
-def _flag_value(text: str) -> Any:
-    """Flag text to the TOML value it stands for: true/false, integers, decimals, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_release_flags(args: list[str]) -> dict[str, Any]:
-    """``--bench-ctx 256 --gguf Q8_0 --gguf Q2_K:imatrix --no-keep-base`` -> recipe flag keywords."""
-    from edgequant.release.recipe import FLAGS
-
-    flags: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise EdgequantError(f"unexpected argument {arg!r}; recipe options are --name VALUE (see docs/recipe.md)")
-        name, eq, value = arg[2:].partition("=")
-        key = name.replace("-", "_")
-        key = {"device": "devices", "gate": "gates", "card_tag": "card_tags"}.get(key, key)
-        negated = key.startswith("no_") and key[3:] in _RELEASE_BOOL_FLAGS
-        if negated or (key in _RELEASE_BOOL_FLAGS and not eq and (i + 1 >= len(args) or args[i + 1].startswith("--"))):
-            flags[key[3:] if negated else key] = not negated
-            i += 1
-            continue
-        if key not in FLAGS:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(FLAGS), n=1)
-            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
-            raise EdgequantError(f"unknown option --{name}{hint}; every recipe key has a flag, see docs/recipe.md")
-        if not eq:
-            if i + 1 >= len(args):
-                raise EdgequantError(f"--{name} needs a value")
-            value = args[i + 1]
-            i += 1
-        i += 1
-        if key in _RELEASE_LIST_FLAGS:
-            flags.setdefault(key, []).append(value)
-        else:
-            flags[key] = _flag_value(value) if key not in ("name", "output", "source") else value
-    return flags
