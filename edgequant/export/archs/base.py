@@ -9,14 +9,11 @@ import gguf
 
 from edgequant.checkpoint import Checkpoint, TensorRef
 from edgequant.errors import EdgequantError
+from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.export.plan import Part, PlannedTensor
 
 _MISSING = object()
 
-# convert --sliding-window: "exact" writes a window the runtime honours where llama.cpp has an architecture
-# for it; "ignore" writes the family's usual architecture, whose runtime may attend to the whole context.
-SLIDING_WINDOW_MODES = ("ignore", "exact")
-DEFAULT_SLIDING_WINDOW = "ignore"
 
 
 class Architecture:

@@ -23,6 +23,7 @@ from types import UnionType
 from typing import Any, Iterable, Mapping
 
 from edgequant.bench.run import BenchOptions
+from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.naming import gptq_label
 from edgequant.quantize.gptq_options import GPTQOptions
 from edgequant.text import BUILTIN_ALIASES, DATASETS
@@ -270,6 +271,9 @@ class Recipe:
     devices: tuple[str, ...] = key(("cpu",), "where the benchmark runs", check="devices", flag="device")
     template_gate: bool = key(True, "fail on any chat-template mismatch")
     chat_template: str | None = key(None, "embed this template file instead of the source's", check="file")
+    sliding_window: str = key(DEFAULT_SLIDING_WINDOW, "Mistral's window: ignore (llama architecture) or exact "
+                              "(granite_swa, equal to transformers past the window)", choices=SLIDING_WINDOW_MODES,
+                              lower=True)
     imatrix: ImatrixSettings = table(ImatrixSettings(), "the importance matrix")
     calibration: CalibrationSettings = table(CalibrationSettings(), "GPTQ and imatrix calibration")
     bench: BenchSettings = table(BenchSettings(), "quality and speed measurements")
