@@ -18,14 +18,9 @@ from edgequant.text import builtin_text, chunk_ids
 from edgequant.checkpoint import TOKENIZER_FILES
 from edgequant.cli import app
 from edgequant.errors import EdgequantError
-from edgequant.quantize.gptq import (
-    GPTQOptions,
-    folder_name,
-    gptq,
-    is_gptq_folder,
-    load_gptq_model,
-)
-from edgequant.quantize.gptq_check import ERROR_BOUND, check_gptq_folder, dequantized_weights, replace_weights, rtn_model_
+from edgequant.gptq_load import is_gptq_folder, load_gptq_model
+from edgequant.quantize.gptq import GPTQOptions, folder_name, gptq
+from gptq_check import ERROR_BOUND, check_gptq_folder, dequantized_weights, replace_weights, rtn_model_
 
 runner = CliRunner()
 ALL_BITS = [2, 3, 4, 8]

@@ -1,5 +1,11 @@
 """The package's layers point one way (docs/architecture.md): every import, module-level or inside a
-function, goes to the same layer or one below it, and no two packages import each other."""
+function, goes to the same layer or to one it may use, and no two packages import each other.
+
+    base <- export <- quantize <- release <- top
+    base <- bench  <- release
+
+bench stands beside export and quantize: it loads GGUF files and HF/GPTQ folders through the base
+layer only, and neither export nor quantize imports it."""
 
 from __future__ import annotations
 
@@ -8,8 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "edgequant"
 
-# lowest first; a module may import its own layer and the ones before it
-LAYERS = ["base", "export", "quantize", "bench", "release", "top"]
+# each layer and the layers it may import (besides its own)
+USES = {
+    "base": set(),
+    "export": {"base"},
+    "quantize": {"base", "export"},
+    "bench": {"base"},
+    "release": {"base", "export", "quantize", "bench"},
+    "top": {"base", "export", "quantize", "bench", "release"},
+}
+LAYERS = list(USES)
 TOP = {"cli", "demo", "__main__"}
 
 
@@ -23,6 +37,11 @@ def layer(module: str) -> str:
     if head in LAYERS:
         return head
     return "base"  # edgequant/<module>.py: errors, atomic, progress, units, env, devices, text, ...
+
+
+def may_import(importer: str, imported: str) -> bool:
+    """Whether a module of layer ``importer`` may import one of layer ``imported``."""
+    return imported == importer or imported in USES[importer]
 
 
 def modules() -> dict[str, Path]:
@@ -54,9 +73,9 @@ def imports(path: Path, module: str) -> list[tuple[str, int]]:
 def test_imports_point_down_the_layers():
     wrong = []
     for module, path in sorted(modules().items()):
-        mine = LAYERS.index(layer(module))
+        mine = layer(module)
         for target, line in imports(path, module):
-            if LAYERS.index(layer(target)) > mine:
+            if not may_import(mine, layer(target)):
                 wrong.append(f"{path.relative_to(ROOT.parent)}:{line}: {layer(module)} imports {target} ({layer(target)})")
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
 
@@ -74,8 +93,16 @@ def test_no_package_imports_another_that_imports_it():
 
 
 def test_the_checker_sees_wrong_imports(tmp_path):
-    """The rule itself: a base module importing the release layer is caught, a release module importing base is not."""
-    assert LAYERS.index(layer("edgequant.release.pipeline")) > LAYERS.index(layer("edgequant.atomic"))
+    """The rule itself: a base module importing the release layer is caught, a release module importing base is not;
+    bench and quantize never import each other."""
+    assert may_import(layer("edgequant.release.pipeline"), layer("edgequant.atomic"))
+    assert not may_import(layer("edgequant.atomic"), layer("edgequant.release.pipeline"))
+    assert not may_import(layer("edgequant.bench.backends"), layer("edgequant.quantize.gptq"))
+    assert not may_import(layer("edgequant.bench.run"), layer("edgequant.export.convert"))
+    assert not may_import(layer("edgequant.quantize.imatrix"), layer("edgequant.bench.run"))
+    assert not may_import(layer("edgequant.export.convert"), layer("edgequant.bench.run"))
+    assert may_import(layer("edgequant.bench.backends"), layer("edgequant.gptq_load"))
+    assert all(may_import("top", b) for b in LAYERS) and not any(may_import("base", b) for b in LAYERS if b != "base")
     assert layer("edgequant.quantize.to_quant") == "quantize" and layer("edgequant.cli") == "top"
     f = tmp_path / "probe.py"
     f.write_text("from edgequant.release.pipeline import release\ndef f():\n    import edgequant.bench.run\n")

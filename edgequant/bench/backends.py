@@ -134,7 +134,7 @@ class TorchBackend:
             with refused(self.path):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.path, **load_kwargs(self.path))
             if kind == "gptq":
-                from edgequant.quantize.gptq import load_gptq_model
+                from edgequant.gptq_load import load_gptq_model
 
                 self.model = load_gptq_model(self.path, device=device)
             else:

@@ -172,6 +172,27 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
     """Measure every model (and the reference) on the same tokens; see the module docstring."""
     o = options or BenchOptions()
     t_start = time.perf_counter()
+    _check_options(models, o)
+    devices = parse_devices(o.devices)
+    threads = o.threads or default_threads()
+    notes: list[str] = []
+    rows, ref_row = _rows(models, o, notes)
+    qdev = _check_devices(devices, {r.kind for r in rows}, o.quality)
+    corpus = _corpus(o)
+    n_chunks = _quality(rows, ref_row, corpus, o, qdev, threads) if o.quality else None
+    speed_settings = _speed(rows, devices, threads, o) if o.speed else None
+    text_info = None
+    if corpus is not None:
+        text_info = {"name": corpus.name, "sha256": corpus.sha256, "chars": len(corpus.text)}
+    return BenchReport(
+        text=text_info, ctx=o.ctx, chunks=n_chunks, reference=ref_row.model if ref_row else None, devices=devices,
+        quality_device=qdev, threads=threads, flash_attn=o.flash_attn, speed_settings=speed_settings, rows=rows,
+        notes=notes, host=host_info(), versions=versions(), seconds=round(time.perf_counter() - t_start, 2),
+    )
+
+
+def _check_options(models: list[str | Path], o: BenchOptions) -> None:
+    """Refuse a run that has nothing to measure or impossible settings, before any work."""
     if not models and o.reference is None:
         raise EdgequantError("name at least one .gguf file or HF/GPTQ folder to measure")
     if not o.speed and not o.quality:
@@ -180,12 +201,13 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
         raise EdgequantError(f"--ctx {o.ctx}: use an even context of at least 16 tokens (512 is llama-perplexity's usual)")
     if o.speed and (o.pp < 0 or o.tg < 0 or o.pp + o.tg == 0 or o.reps < 1 or o.n_batch < 1 or o.n_ubatch < 1):
         raise EdgequantError("speed settings: --pp and --tg must be >= 0 (not both 0), --reps, --batch-size and --ubatch-size >= 1")
-    devices = parse_devices(o.devices)
-    threads = o.threads or default_threads()
 
+
+def _rows(models: list[str | Path], o: BenchOptions, notes: list[str]) -> tuple[list[ModelRow], ModelRow | None]:
+    """One row per distinct model, the reference first when it was not among them; the reference row
+    (``--reference``, else for quality the highest-precision GGUF), marked as such."""
     paths = list(dict.fromkeys(str(m) for m in models))
     rows = [describe_model(p, model_kind(p)) for p in paths]
-    notes: list[str] = []
     ref_row: ModelRow | None = None
     if o.reference is not None:
         ref_path = str(o.reference)
@@ -199,40 +221,35 @@ def run_bench(models: list[str | Path], options: BenchOptions | None = None) -> 
             notes.append(f"KL divergence against {ref_row.name} (the highest-precision GGUF given); pass --reference to choose")
     if ref_row is not None:
         ref_row.is_reference = True
-    qdev = _check_devices(devices, {r.kind for r in rows}, o.quality)
+    return rows, ref_row
 
+
+def _corpus(o: BenchOptions) -> Text | None:
+    """The evaluation text (None for a speed-only run), refused when it cannot fill two chunks."""
     corpus = o.text if isinstance(o.text, Text) else load_text(o.text) if o.quality else None
     if corpus is not None:
         most = len(corpus.text.encode("utf-8")) + 1  # no tokenizer makes more tokens than bytes (+ BOS)
         if most < 2 * o.ctx:
             raise EdgequantError(f"the text ({corpus.name}) holds at most {most} tokens, fewer than 2 chunks of {o.ctx} "
                                  f"(perplexity needs 2 x --ctx); pass a longer text or a smaller --ctx")
-    n_chunks = None
-    if o.quality:
-        n_chunks = _quality(rows, ref_row, corpus, o, qdev, threads, notes)
-    speed_settings = None
-    if o.speed:
-        speed_settings = {"pp": o.pp, "tg": o.tg, "reps": o.reps, "n_batch": o.n_batch, "n_ubatch": o.n_ubatch}
-        with progress_count("speed", len(rows) * len(devices)) as bar:
-            for r in rows:
-                for d in devices:
-                    bar.describe(f"speed {r.name} ({d})")
-                    r.speed.append(measure_speed(r.model, device=d, threads=threads, pp=o.pp, tg=o.tg, reps=o.reps,
-                                                 n_batch=o.n_batch, n_ubatch=o.n_ubatch, flash_attn=o.flash_attn,
-                                                 isolated=o.isolated_speed))
-                    bar.advance(1)
-    text_info = None
-    if corpus is not None:
-        text_info = {"name": corpus.name, "sha256": corpus.sha256, "chars": len(corpus.text)}
-    return BenchReport(
-        text=text_info, ctx=o.ctx, chunks=n_chunks, reference=ref_row.model if ref_row else None, devices=devices,
-        quality_device=qdev, threads=threads, flash_attn=o.flash_attn, speed_settings=speed_settings, rows=rows,
-        notes=notes, host=host_info(), versions=versions(), seconds=round(time.perf_counter() - t_start, 2),
-    )
+    return corpus
+
+
+def _speed(rows: list[ModelRow], devices: list[str], threads: int, o: BenchOptions) -> dict:
+    """Each model alone on each device, like llama-bench; returns the settings used."""
+    with progress_count("speed", len(rows) * len(devices)) as bar:
+        for r in rows:
+            for d in devices:
+                bar.describe(f"speed {r.name} ({d})")
+                r.speed.append(measure_speed(r.model, device=d, threads=threads, pp=o.pp, tg=o.tg, reps=o.reps,
+                                             n_batch=o.n_batch, n_ubatch=o.n_ubatch, flash_attn=o.flash_attn,
+                                             isolated=o.isolated_speed))
+                bar.advance(1)
+    return {"pp": o.pp, "tg": o.tg, "reps": o.reps, "n_batch": o.n_batch, "n_ubatch": o.n_ubatch}
 
 
 def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: BenchOptions, device: str,
-             threads: int, notes: list[str]) -> int:
+             threads: int) -> int:
     """Load every model, check the token ids, then score chunk by chunk. Returns the chunk count."""
     first_row = ref_row or rows[0]
     order = [first_row] + [r for r in rows if r is not first_row]
@@ -243,35 +260,8 @@ def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: Be
                 bar.describe(f"loading {r.name}")
                 backends[r.model] = open_backend(r.model, device=device, threads=threads, ctx=o.ctx, flash_attn=o.flash_attn)
                 bar.advance(1)
-        lead = backends[first_row.model]
-        ids = lead.tokenize(corpus.text)
-        batches = chunk_ids(ids, o.ctx, o.chunks, lead.info.bos_id, minimum=2)
-        used = len(batches) * o.ctx
-        for r in order[1:]:
-            b = backends[r.model]
-            if b.info.n_vocab != lead.info.n_vocab:
-                raise EdgequantError(
-                    f"{r.name} has a vocabulary of {b.info.n_vocab} tokens and {first_row.name} of {lead.info.n_vocab}; "
-                    f"rows are only comparable on one vocabulary: bench them in separate runs"
-                )
-            own = b.tokenize(corpus.text)
-            if own[:used] != ids[:used] or b.info.add_bos != lead.info.add_bos:
-                raise _token_mismatch(r.name, first_row.name, own[:used], ids[:used])
-        first = o.ctx // 2
-        accs = {r.model: QualityAccumulator(with_kld=ref_row is not None) for r in order}
-        seconds = {r.model: 0.0 for r in order}
-        with progress_count("perplexity/KLD chunks", len(batches)) as bar:
-            for chunk in batches:
-                nxt = np.asarray(chunk[first + 1:], dtype=np.int64)
-                ref = None
-                for r in order:
-                    t = time.perf_counter()
-                    logits = backends[r.model].logits(chunk, first)
-                    if r is ref_row:
-                        ref = CompressedReference.from_logits(logits)
-                    accs[r.model].add(logits, nxt, ref)
-                    seconds[r.model] += time.perf_counter() - t
-                bar.advance(1)
+        batches = _same_tokens(order, backends, corpus, o)
+        accs, seconds = _score(order, backends, batches, ref_row, o.ctx // 2)
     finally:
         for b in backends.values():
             b.close()
@@ -284,3 +274,45 @@ def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: Be
         if kld is not None:
             r.quality.update(kld)
     return len(batches)
+
+
+def _same_tokens(order: list[ModelRow], backends: dict, corpus: Text, o: BenchOptions) -> list[list[int]]:
+    """The chunks of the text as the first model tokenizes it; every other model must have the same
+    vocabulary size and give the same ids (and BOS policy) on the part that is scored."""
+    first_row = order[0]
+    lead = backends[first_row.model]
+    ids = lead.tokenize(corpus.text)
+    batches = chunk_ids(ids, o.ctx, o.chunks, lead.info.bos_id, minimum=2)
+    used = len(batches) * o.ctx
+    for r in order[1:]:
+        b = backends[r.model]
+        if b.info.n_vocab != lead.info.n_vocab:
+            raise EdgequantError(
+                f"{r.name} has a vocabulary of {b.info.n_vocab} tokens and {first_row.name} of {lead.info.n_vocab}; "
+                f"rows are only comparable on one vocabulary: bench them in separate runs"
+            )
+        own = b.tokenize(corpus.text)
+        if own[:used] != ids[:used] or b.info.add_bos != lead.info.add_bos:
+            raise _token_mismatch(r.name, first_row.name, own[:used], ids[:used])
+    return batches
+
+
+def _score(order: list[ModelRow], backends: dict, batches: list[list[int]], ref_row: ModelRow | None,
+           first: int) -> tuple[dict[str, QualityAccumulator], dict[str, float]]:
+    """Every chunk through every model: the reference's logits become llama-perplexity's compressed
+    log-probs, each model is scored against them; the accumulators and seconds per model."""
+    accs = {r.model: QualityAccumulator(with_kld=ref_row is not None) for r in order}
+    seconds = {r.model: 0.0 for r in order}
+    with progress_count("perplexity/KLD chunks", len(batches)) as bar:
+        for chunk in batches:
+            nxt = np.asarray(chunk[first + 1:], dtype=np.int64)
+            ref = None
+            for r in order:
+                t = time.perf_counter()
+                logits = backends[r.model].logits(chunk, first)
+                if r is ref_row:
+                    ref = CompressedReference.from_logits(logits)
+                accs[r.model].add(logits, nxt, ref)
+                seconds[r.model] += time.perf_counter() - t
+            bar.advance(1)
+    return accs, seconds

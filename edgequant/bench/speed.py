@@ -137,68 +137,91 @@ def measure_speed(path: str | Path, *, device: str = "cpu", threads: int | None 
     return _torch_speed(path, kind, result, seed=seed)
 
 
-def _llama_cpp_speed(path, result: SpeedResult, *, n_batch: int, n_ubatch: int, flash_attn: bool, seed: int) -> SpeedResult:
-    import llama_cpp
+class _LlamaBenchTests:
+    """llama-bench's two tests on one GGUF through llama.cpp's C API: random tokens (BOS first when
+    the model adds BOS), pp in batches of ``n_batch``, tg one token at a time, each run timed from an
+    empty KV cache."""
 
-    from edgequant.bench.backends import LlamaCppBackend
+    def __init__(self, path, result: SpeedResult, *, n_batch: int, n_ubatch: int, flash_attn: bool, seed: int):
+        import llama_cpp
 
-    rng = random.Random(seed)
-    result.backend, result.n_batch, result.n_ubatch = "llama.cpp", n_batch, n_ubatch
+        self.llama_cpp = llama_cpp
+        self.path, self.result = path, result
+        self.n_batch, self.n_ubatch, self.flash_attn = n_batch, n_ubatch, flash_attn
+        self.rng = random.Random(seed)
 
-    def context(n_ctx: int):
-        return LlamaCppBackend(path, device=result.device, threads=result.threads, ctx=n_ctx, flash_attn=flash_attn,
-                               logits_all=False, n_batch=n_batch, n_ubatch=n_ubatch)
+    def context(self, n_ctx: int):
+        """A fresh model and context sized for one test, as llama-bench makes one per test."""
+        from edgequant.bench.backends import LlamaCppBackend
 
-    def decode(b, tokens: list[int]) -> None:
-        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
-        if llama_cpp.llama_decode(b.llm.ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) != 0:
+        r = self.result
+        return LlamaCppBackend(self.path, device=r.device, threads=r.threads, ctx=n_ctx, flash_attn=self.flash_attn,
+                               logits_all=False, n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+
+    def decode(self, b, tokens: list[int]) -> None:
+        """One ``llama_decode`` of ``tokens`` as one batch."""
+        lc = self.llama_cpp
+        arr = (lc.llama_token * len(tokens))(*tokens)
+        if lc.llama_decode(b.llm.ctx, lc.llama_batch_get_one(arr, len(tokens))) != 0:
             raise RuntimeError("llama_decode failed during the speed test")
 
-    def prompt(b) -> None:
+    def prompt(self, b) -> None:
+        """The pp test: ``pp`` random tokens in batches of ``n_batch``."""
         done = 0
-        while done < result.pp:
-            n = min(result.pp - done, n_batch)
-            toks = [rng.randrange(b.info.n_vocab) for _ in range(n)]
+        while done < self.result.pp:
+            n = min(self.result.pp - done, self.n_batch)
+            toks = [self.rng.randrange(b.info.n_vocab) for _ in range(n)]
             if done == 0 and b.info.add_bos:
                 toks[0] = b.info.bos_id
-            decode(b, toks)
+            self.decode(b, toks)
             done += n
-        llama_cpp.llama_synchronize(b.llm.ctx)
+        self.llama_cpp.llama_synchronize(b.llm.ctx)
 
-    def generate(b, n: int) -> None:
-        tok = b.info.bos_id if b.info.add_bos else rng.randrange(b.info.n_vocab)
+    def generate(self, b, n: int) -> None:
+        """The tg test: ``n`` single-token decodes."""
+        tok = b.info.bos_id if b.info.add_bos else self.rng.randrange(b.info.n_vocab)
         for _ in range(n):
-            decode(b, [tok])
-            llama_cpp.llama_synchronize(b.llm.ctx)
-            tok = rng.randrange(b.info.n_vocab)
+            self.decode(b, [tok])
+            self.llama_cpp.llama_synchronize(b.llm.ctx)
+            tok = self.rng.randrange(b.info.n_vocab)
 
-    def timed(b, fn, *args) -> float:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(b.llm.ctx), False)
+    def timed(self, b, fn, *args) -> float:
+        """Seconds of one run of ``fn`` from an empty KV cache."""
+        lc = self.llama_cpp
+        lc.llama_memory_clear(lc.llama_get_memory(b.llm.ctx), False)
         t = time.perf_counter()
         fn(b, *args)
         return time.perf_counter() - t
 
-    # Like llama-bench, each test gets its own context sized for it (n_ctx = pp, or tg), a warm-up,
-    # then the timed repetitions from an empty KV cache.
+    def run(self, test: str) -> None:
+        """One test (``pp`` or ``tg``) in its own context: a warm-up, then the timed repetitions."""
+        r = self.result
+        n = r.pp if test == "pp" else r.tg
+        if not n:
+            return
+        t0 = time.perf_counter()
+        b = self.context(n)
+        if r.load_seconds is None:
+            r.load_seconds = round(time.perf_counter() - t0, 3)
+        try:
+            self.llama_cpp.llama_set_n_threads(b.llm.ctx, r.threads, r.threads)
+            if test == "pp":
+                self.timed(b, self.prompt)
+                r.pp_tps, r.pp_std = _mean_std(n, [self.timed(b, self.prompt) for _ in range(r.reps)])
+            else:
+                self.timed(b, self.generate, 1)  # llama-bench warms generation up with one token
+                r.tg_tps, r.tg_std = _mean_std(n, [self.timed(b, self.generate, n) for _ in range(r.reps)])
+        finally:
+            b.close()
+
+
+def _llama_cpp_speed(path, result: SpeedResult, *, n_batch: int, n_ubatch: int, flash_attn: bool, seed: int) -> SpeedResult:
+    """pp and tg of a GGUF, exactly llama-bench's procedure, with the peak memory of the whole run."""
+    result.backend, result.n_batch, result.n_ubatch = "llama.cpp", n_batch, n_ubatch
+    tests = _LlamaBenchTests(path, result, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn, seed=seed)
     with _PeakSampler(result.device == "cuda") as mem:
         for test in ("pp", "tg"):
-            n = result.pp if test == "pp" else result.tg
-            if not n:
-                continue
-            t0 = time.perf_counter()
-            b = context(n)
-            if result.load_seconds is None:
-                result.load_seconds = round(time.perf_counter() - t0, 3)
-            try:
-                llama_cpp.llama_set_n_threads(b.llm.ctx, result.threads, result.threads)
-                if test == "pp":
-                    timed(b, prompt)
-                    result.pp_tps, result.pp_std = _mean_std(n, [timed(b, prompt) for _ in range(result.reps)])
-                else:
-                    timed(b, generate, 1)  # llama-bench warms generation up with one token
-                    result.tg_tps, result.tg_std = _mean_std(n, [timed(b, generate, n) for _ in range(result.reps)])
-            finally:
-                b.close()
+            tests.run(test)
     result.peak_rss_bytes, result.peak_vram_bytes = mem.rss(), mem.vram()
     return result
 

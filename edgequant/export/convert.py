@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -12,12 +13,12 @@ import torch
 
 import edgequant
 from edgequant.atomic import check_output_folder, check_writable
-from edgequant.checkpoint import open_checkpoint
+from edgequant.checkpoint import Checkpoint, open_checkpoint
 from edgequant.errors import EdgequantError
-from edgequant.export.archs import architecture_for
-from edgequant.export.gguf_file import OUTTYPES, choose_types, ftype_label, tensor_nbytes, write_gguf
-from edgequant.export.template import check_templates, find_templates
-from edgequant.export.vocab import build_vocab
+from edgequant.export.archs import Architecture, architecture_for
+from edgequant.export.gguf_file import OUTTYPES, TensorChoice, choose_types, ftype_label, tensor_nbytes, write_gguf
+from edgequant.export.template import ChatTemplates, check_templates, find_templates
+from edgequant.export.vocab import Vocab, build_vocab
 
 # Our own provenance keys, beside llama.cpp's.
 KEY_VERSION = "edgequant.version"
@@ -28,6 +29,8 @@ KEY_BOS_POLICY = "edgequant.chat_template.bos"
 
 @dataclass
 class ConvertResult:
+    """What ``convert`` wrote (``--json`` prints it)."""
+
     files: list[str]
     outtype: str
     architecture: str
@@ -49,6 +52,7 @@ class ConvertResult:
 
 
 def resolve_outtype(outtype: str, source_dtype: torch.dtype | None) -> gguf.LlamaFileType:
+    """``--outtype`` as llama.cpp's file type (``auto``: BF16 for a bf16 checkpoint, else F16)."""
     key = outtype.lower()
     if key == "auto":  # llama.cpp's rule: the first matrix's dtype, F16 otherwise
         return OUTTYPES["bf16"] if source_dtype == torch.bfloat16 else OUTTYPES["f16"]
@@ -71,6 +75,22 @@ def convert(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
+    t0 = time.perf_counter()
+    _check_arguments(output, outtype, template_bos, split_max_size, split_max_tensors)
+    src = _read_source(source, outtype, chat_template, template_bos, pre_tokenizer)
+    final, meta = _final_path(src.ckpt, src.arch, src.choices, src.ftype, output, model_name)
+    files = write_gguf(final, src.arch.arch_name, src.choices, _metadata_writer(src, meta),
+                       split_max_tensors=split_max_tensors, split_max_size=split_max_size, force=force,
+                       description=f"{src.ckpt.path.name} -> {ftype_label(src.ftype)}")
+    from edgequant.llamacpp import verify_written
+
+    verify_written(files)  # llama.cpp loads it (hparams, vocabulary, every tensor's shape), or it is removed
+    _check_token_ids(files, src.vocab.reference)
+    return _result(src, files, time.perf_counter() - t0)
+
+
+def _check_arguments(output, outtype: str, template_bos: str, split_max_size: int, split_max_tensors: int) -> None:
+    """Refuse bad options before reading the checkpoint."""
     if split_max_size < 0 or split_max_tensors < 0:
         raise EdgequantError("--split-max-size and --split-max-tensors must be positive (or 0 for no split)")
     if output is not None and Path(output).suffix != ".gguf":
@@ -78,65 +98,81 @@ def convert(
     if outtype.lower() not in (*OUTTYPES, "auto"):
         raise EdgequantError(f"--outtype {outtype}: this converter writes {', '.join(OUTTYPES)} or auto; llama.cpp's "
                              f"quant types go through edgequant.quantize.to_quant.convert (what `edgequant convert` calls)")
-    t0 = time.perf_counter()
     if template_bos not in ("keep", "add"):
         raise EdgequantError(f"--template-bos {template_bos!r}: use keep or add")
+
+
+@dataclass
+class _Source:
+    """Everything convert reads from the checkpoint before writing: architecture, types, vocabulary, template."""
+
+    ckpt: Checkpoint
+    arch: Architecture
+    ftype: gguf.LlamaFileType
+    vocab: Vocab
+    templates: ChatTemplates
+    choices: list[TensorChoice]
+    fingerprint: str
+
+
+def _read_source(source, outtype: str, chat_template, template_bos: str, pre_tokenizer: str | None) -> _Source:
+    """Open the checkpoint and check what llama.cpp will need: the vocabulary, the chat template
+    (its BOS policy) and embedding rows that match the token count."""
     ckpt = open_checkpoint(source)
     arch = architecture_for(ckpt.hf_architecture)(ckpt)
     ftype = resolve_outtype(outtype, ckpt.source_dtype())
-
     vocab = build_vocab(ckpt, pre_tokenizer)
     templates = find_templates(ckpt, Path(chat_template) if chat_template else None)
     check_templates(templates, bos_token=vocab.token_text("bos"), eos_token=vocab.token_text("eos"),
                     add_bos=vocab.add_bos, template_bos=template_bos)
-
     plan = arch.plan()
     _check_vocab_rows(plan, len(vocab.tokens), ckpt.config.get("vocab_size"))
-    choices = choose_types(plan, ftype)
-    fingerprint = ckpt.fingerprint()
-    final, meta = _final_path(ckpt, arch, choices, ftype, output, model_name)
+    return _Source(ckpt, arch, ftype, vocab, templates, choose_types(plan, ftype), ckpt.fingerprint())
+
+
+def _metadata_writer(src: _Source, meta: gguf.Metadata) -> Callable[[gguf.GGUFWriter], None]:
+    """The function that writes the file's key/values: llama.cpp's, then our provenance keys."""
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         meta.set_gguf_meta_model(w)
-        arch.write_hparams(w)
-        w.add_file_type(ftype)
+        src.arch.write_hparams(w)
+        w.add_file_type(src.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.write(w)
-        value = templates.gguf_value()
+        src.vocab.write(w)
+        value = src.templates.gguf_value()
         if value is not None:
             w.add_chat_template(value)
         w.add_string(KEY_VERSION, edgequant.__version__)
-        w.add_string(KEY_FINGERPRINT, fingerprint)
-        w.add_string(KEY_SOURCE_ARCH, ckpt.hf_architecture)
-        if templates.bos_policy:
-            w.add_string(KEY_BOS_POLICY, templates.bos_policy)
+        w.add_string(KEY_FINGERPRINT, src.fingerprint)
+        w.add_string(KEY_SOURCE_ARCH, src.ckpt.hf_architecture)
+        if src.templates.bos_policy:
+            w.add_string(KEY_BOS_POLICY, src.templates.bos_policy)
 
-    files = write_gguf(final, arch.arch_name, choices, add_metadata, split_max_tensors=split_max_tensors,
-                       split_max_size=split_max_size, force=force, description=f"{ckpt.path.name} -> {ftype_label(ftype)}")
-    from edgequant.llamacpp import verify_written
+    return add_metadata
 
-    verify_written(files)  # llama.cpp loads it (hparams, vocabulary, every tensor's shape), or it is removed
-    _check_token_ids(files, vocab.reference)
+
+def _result(src: _Source, files: list[Path], seconds: float) -> ConvertResult:
+    """What was written: files, sizes, bits per weight, and what was decided on the way."""
     size = sum(f.stat().st_size for f in files)
-    data_bytes = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in choices)
-    n_params = sum(c.planned.n_elements for c in choices)
+    data_bytes = sum(tensor_nbytes(c.planned.shape, c.qtype) for c in src.choices)
+    n_params = sum(c.planned.n_elements for c in src.choices)
     return ConvertResult(
         files=[str(f) for f in files],
-        outtype=ftype_label(ftype),
-        architecture=arch.arch_name,
-        hf_architecture=ckpt.hf_architecture,
+        outtype=ftype_label(src.ftype),
+        architecture=src.arch.arch_name,
+        hf_architecture=src.ckpt.hf_architecture,
         n_params=n_params,
         size_bytes=size,
         bits_per_weight=round(8 * data_bytes / n_params, 4),
-        seconds=round(time.perf_counter() - t0, 3),
-        tokenizer=vocab.model,
-        pre_tokenizer=vocab.pre,
-        chat_template_source=templates.source,
-        bos_policy=templates.bos_policy,
-        fingerprint=fingerprint,
-        fallbacks=[c.fallback for c in choices if c.fallback],
-        notes=arch.notes + vocab.notes + templates.notes,
+        seconds=round(seconds, 3),
+        tokenizer=src.vocab.model,
+        pre_tokenizer=src.vocab.pre,
+        chat_template_source=src.templates.source,
+        bos_policy=src.templates.bos_policy,
+        fingerprint=src.fingerprint,
+        fallbacks=[c.fallback for c in src.choices if c.fallback],
+        notes=src.arch.notes + src.vocab.notes + src.templates.notes,
     )
 
 

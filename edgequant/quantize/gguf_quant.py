@@ -272,7 +272,31 @@ class _NativeOptions:
 
 def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _NativeOptions,
                   opts: QuantizeOptions) -> QuantizeResult:
+    """One type: llama.cpp's quantizer into ``.part`` names (or a staging folder for kept shards),
+    renamed when it succeeded, then llama.cpp's own load check."""
     check_free_space(final.parent, int(info.n_params * max(t.bpw, 4.0) / 8) + 64 * 1024 * 1024)
+    params = _params(t, native, opts)
+    t0 = time.perf_counter()
+    with progress_count(f"{t.name}", len(info.tensors)) as bar:
+        watch = _LogWatcher(t.name, bar)
+        if opts.keep_split:
+            files = _write_shards(src, final, len(info.files), params, t, watch)
+        else:
+            files = _write_file(src, final, params, t, watch)
+    from edgequant.llamacpp import verify_written
+
+    verify_written(files)
+    out_info = inspect_gguf(files[0])
+    return QuantizeResult(
+        type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
+        bits_per_weight=out_info.bits_per_weight, seconds=round(time.perf_counter() - t0, 3),
+        type_counts=out_info.type_counts, fallbacks=watch.fallbacks,
+        imatrix=native.imatrix_path,
+    )
+
+
+def _params(t: qtypes.QuantType, native: _NativeOptions, opts: QuantizeOptions):
+    """llama.cpp's ``llama_model_quantize_params`` for one type, as ``llama-quantize`` fills them."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(t.ftype)
     params.nthread = opts.threads if opts.threads > 0 else (os.cpu_count() or 1)
@@ -289,55 +313,61 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _Na
         params.kv_overrides = native.kv
     if native.tt is not None:
         params.tt_overrides = native.tt
+    return params
 
-    fallbacks: list[Fallback] = []
-    errors: list[str] = []
-    t0 = time.perf_counter()
-    with progress_count(f"{t.name}", len(info.tensors)) as bar:
-        def on_line(line: str) -> None:
-            if (m := _PROGRESS.match(line)):
-                bar.advance(1)
-                bar.describe(f"{t.name} {m.group(3)}")
-            if (m := _FALLBACK.search(line)):
-                fallbacks.append(Fallback(m.group(1), int(m.group(2)), m.group(4), m.group(5)))
-            if "error" in line.lower() or "requires an imatrix" in line:
-                errors.append(line.strip())
 
-        if opts.keep_split:
-            finals = _split_finals(final, len(info.files))  # checked for existing files in quantize()
-            staging = final.parent / f".{final.name}.part.d"
-            with folder_lock(final.parent):  # one writer per folder: the staging name is this folder's alone
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir()
-                try:
-                    with _captured_llama_log(on_line):
-                        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(staging / final.name).encode(),
-                                                            ctypes.byref(params))
-                    _check_rc(rc, t, errors)
-                    produced = sorted(staging.glob("*.gguf"))
-                    if len(produced) != len(finals):
-                        raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
-                    for p, f in zip(produced, finals):
-                        os.replace(p, f)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-            files = finals
-        else:
-            with atomic_outputs([final]) as (part,):
-                with _captured_llama_log(on_line):
-                    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), ctypes.byref(params))
-                _check_rc(rc, t, errors)
-            files = [final]
-    from edgequant.llamacpp import verify_written
+class _LogWatcher:
+    """Reads llama.cpp's quantizer log line by line: advances the progress bar, collects the
+    fallbacks it reports and the error lines (for the message when it fails)."""
 
-    verify_written(files)
-    out_info = inspect_gguf(files[0])
-    return QuantizeResult(
-        type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
-        bits_per_weight=out_info.bits_per_weight, seconds=round(time.perf_counter() - t0, 3),
-        type_counts=out_info.type_counts, fallbacks=fallbacks,
-        imatrix=native.imatrix_path,
-    )
+    def __init__(self, type_name: str, bar):
+        self.type_name, self.bar = type_name, bar
+        self.fallbacks: list[Fallback] = []
+        self.errors: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if (m := _PROGRESS.match(line)):
+            self.bar.advance(1)
+            self.bar.describe(f"{self.type_name} {m.group(3)}")
+        if (m := _FALLBACK.search(line)):
+            self.fallbacks.append(Fallback(m.group(1), int(m.group(2)), m.group(4), m.group(5)))
+        if "error" in line.lower() or "requires an imatrix" in line:
+            self.errors.append(line.strip())
+
+
+def _run_quantizer(src: Path, dst: Path, params, t: qtypes.QuantType, watch: _LogWatcher) -> None:
+    """``llama_model_quantize(src, dst)``, its log read by ``watch``; an error names what llama.cpp said."""
+    with _captured_llama_log(watch):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    _check_rc(rc, t, watch.errors)
+
+
+def _write_file(src: Path, final: Path, params, t: qtypes.QuantType, watch: _LogWatcher) -> list[Path]:
+    """One output file, written as ``.part`` and renamed."""
+    with atomic_outputs([final]) as (part,):
+        _run_quantizer(src, part, params, t, watch)
+    return [final]
+
+
+def _write_shards(src: Path, final: Path, n_shards: int, params, t: qtypes.QuantType,
+                  watch: _LogWatcher) -> list[Path]:
+    """``--keep-split``: llama.cpp names the shards itself, so they are written into a staging folder
+    beside the output and renamed one by one."""
+    finals = _split_finals(final, n_shards)  # checked for existing files in quantize()
+    staging = final.parent / f".{final.name}.part.d"
+    with folder_lock(final.parent):  # one writer per folder: the staging name is this folder's alone
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            _run_quantizer(src, staging / final.name, params, t, watch)
+            produced = sorted(staging.glob("*.gguf"))
+            if len(produced) != len(finals):
+                raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
+            for p, f in zip(produced, finals):
+                os.replace(p, f)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return finals
 
 
 def _check_overrides_fit(info, opts: QuantizeOptions) -> None:

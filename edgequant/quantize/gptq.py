@@ -11,20 +11,13 @@ The work is split so that the quantizer can be replaced:
   at the end (removed on any exception, Ctrl-C included), the source's tokenizer files and chat
   template copied byte for byte, a short README, and the per-layer error report.
 
-:func:`load_gptq_model` is the one reload path (tests and the bench use it): plain
-``transformers`` ``from_pretrained`` (through optimum + GPTQModel's kernels), with the MoE
-experts module given per-expert ``nn.Linear`` children when the checkpoint stores experts per
-expert (GPTQModel always does; transformers 5 fuses experts into 3-D tensors). Missing,
-unexpected or mismatched keys are an error, never a silent re-initialisation.
+Reloading a checkpoint is :func:`edgequant.gptq_load.load_gptq_model` (the base layer, so that the
+bench loads GPTQ folders without this module).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import logging
-import os
 import random
 import re
 import shutil
@@ -33,27 +26,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-# GPTQModel sizes a CPU worker pool from the core count and crashes on 2-core machines unless
-# this is set before it is imported (anything that imports it, transformers' GPTQ path included).
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+import torch
 
-import torch  # noqa: E402
-
-from edgequant.atomic import check_output_folder, check_writable, folder_lock  # noqa: E402
-from edgequant.text import load_text  # noqa: E402
-from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint  # noqa: E402
-from edgequant.errors import EdgequantError  # noqa
-from edgequant.naming import gptq_folder, gptq_label  # noqa
-from edgequant.quantize.gptq_options import GPTQOptions  # noqa: F401 (re-exported): E402
-from edgequant.progress import progress_count  # noqa: E402
-from edgequant.devices import resolve_device  # noqa: E402
+from edgequant.atomic import atomic_outputs, check_output_folder, check_writable, folder_lock, write_text
+from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from edgequant.devices import resolve_device
+from edgequant.errors import EdgequantError
+from edgequant.gptq_load import quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
+from edgequant.naming import gptq_folder, gptq_label
+from edgequant.progress import progress_count
+from edgequant.quantize.gptq_options import GPTQOptions  # re-exported: the CLI and the pipeline import it from here
+from edgequant.text import Text, load_text
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZES = (128, 64, 32)  # the first one that divides every input dimension
 EXTRA_FILES = ("generation_config.json",)  # copied from the source beside the tokenizer files
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.(.+)\.experts\.(gate_up_proj|down_proj)$")
-_PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -101,6 +90,8 @@ class GPTQBackend(Protocol):
 
 @dataclass
 class GPTQResult:
+    """One written GPTQ folder: its settings, sizes, calibration and the per-layer errors."""
+
     folder: str
     bits: int
     group_size: int
@@ -121,6 +112,7 @@ class GPTQResult:
 
     @property
     def max_loss(self) -> float:
+        """The largest per-module loss (0 when the backend reported none)."""
         return max((l.loss for l in self.layers), default=0.0)
 
     def to_dict(self) -> dict:
@@ -132,37 +124,6 @@ class GPTQResult:
 # --------------------------------------------------------------------------- #
 # GPTQModel
 # --------------------------------------------------------------------------- #
-
-
-@contextlib.contextmanager
-def quiet_gptqmodel() -> Iterator[io.StringIO]:
-    """GPTQModel draws its own progress bars and logs to stdout: send them to a buffer, so that
-    ``--json`` output stays clean and progress is ours. ``EDGEQUANT_GPTQ_VERBOSE=1`` passes them
-    to stderr instead."""
-    sink: io.TextIOBase = io.StringIO()
-    if os.environ.get("EDGEQUANT_GPTQ_VERBOSE"):
-        import sys
-
-        sink = sys.stderr
-    env = {"LOGBAR_ANIMATION": "0", "TQDM_DISABLE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    levels = {}
-    try:
-        with contextlib.redirect_stdout(sink):
-            for name in ("gptqmodel", "optimum", "transformers", "defuser", "logbar", "tokenicer"):
-                lg = logging.getLogger(name)
-                levels[name] = lg.level
-                lg.setLevel(logging.ERROR)
-            yield sink if isinstance(sink, io.StringIO) else io.StringIO()
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class GPTQModelBackend:
@@ -221,6 +182,7 @@ def _gptqmodel_logs_in(folder: Path) -> Iterator[None]:
 
 
 def _layer_errors(log) -> list[LayerError]:
+    """GPTQModel's quantization log (a dict of per-module entries) as our rows, sorted by layer and module."""
     rows = []
     entries = log.get("gptq", []) if isinstance(log, dict) else []
     if not entries and isinstance(log, dict):
@@ -237,6 +199,7 @@ def _layer_errors(log) -> list[LayerError]:
 
 
 def _seed_everything(seed: int) -> None:
+    """Seed every generator GPTQModel may draw from."""
     random.seed(seed)
     torch.manual_seed(seed)
     import numpy as np
@@ -337,10 +300,12 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: 
 
 
 def _model_name(ckpt: Checkpoint) -> str:
+    """The name the folders are named after: the source folder's."""
     return ckpt.path.name or "model"
 
 
 def _n_params(ckpt: Checkpoint) -> int:
+    """The parameter count of the source (every tensor)."""
     n = 0
     for ref in ckpt.tensors.values():
         p = 1
@@ -351,6 +316,7 @@ def _n_params(ckpt: Checkpoint) -> int:
 
 
 def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: int, seq_len: int, backend: str) -> str:
+    """The folder's short README: format, calibration and how to load it."""
     g = "one group per row" if spec.group_size == -1 else f"group size {spec.group_size}"
     return (
         f"# {name}\n\n"
@@ -360,7 +326,7 @@ def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: 
         f"- calibration: {samples} x {seq_len} tokens of {calibration} (seed {spec.seed}), damp {spec.damp_percent}, "
         f"true_sequential={spec.true_sequential}\n\n"
         "Load it with transformers (needs `optimum` and `gptqmodel`), vLLM (`--quantization gptq`) or "
-        "`edgequant.quantize.gptq.load_gptq_model`.\n"
+        "`edgequant.gptq_load.load_gptq_model`.\n"
     )
 
 
@@ -369,15 +335,35 @@ def _finish_folder(part: Path, ckpt: Checkpoint, readme: str) -> None:
     for fname in TOKENIZER_FILES + EXTRA_FILES:
         src = ckpt.path / fname
         if src.is_file():
-            shutil.copyfile(src, part / fname)
-    (part / "README.md").write_text(readme, encoding="utf-8")
+            with atomic_outputs([part / fname]) as (tmp,):
+                shutil.copyfile(src, tmp)
+    write_text(part / "README.md", readme)
 
 
 def _remove(path: Path) -> None:
+    """A file or folder, if present (a symlink itself, not what it points to)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+@contextlib.contextmanager
+def _staged_folder(final: Path) -> Iterator[Path]:
+    """``<final>.part/`` to write into, renamed to ``final`` (replacing it) when the block succeeds and
+    removed on any exception, Ctrl-C included. The caller holds the parent folder's lock, so a
+    ``.part`` already there is a killed run's."""
+    part = final.with_name(final.name + ".part")
+    _remove(part)
+    try:
+        part.mkdir(parents=True)
+        yield part
+        if final.exists():
+            _remove(final)
+        part.replace(final)
+    except BaseException:
+        _remove(part)
+        raise
 
 
 # --------------------------------------------------------------------------- #
@@ -385,11 +371,43 @@ def _remove(path: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 
+@dataclass
+class _Run:
+    """What every bit width of one ``gptq`` call shares."""
+
+    ckpt: Checkpoint
+    opts: GPTQOptions
+    group_size: int
+    corpus: Text
+    windows: list[list[int]]
+    backend: GPTQBackend
+    n_layers: int
+    n_params: int
+    notes: list[str]
+
+
 def gptq(source: str | Path, bits, output: str | Path | None = None, options: GPTQOptions | None = None) -> list[GPTQResult]:
     """Quantize ``source`` with GPTQ at each of ``bits``; one HF folder per bit width under ``output``."""
     opts = options or GPTQOptions()
     bit_list = parse_bits(bits)
     ckpt = open_checkpoint(source)
+    group_size, notes = _check_options(ckpt, opts)
+    out_dir = Path(output) if output is not None else Path.cwd()
+    check_output_folder(out_dir)
+    name = _model_name(ckpt)
+    finals = [out_dir / folder_name(name, b, group_size, opts.desc_act, opts.sym) for b in bit_list]
+    check_writable(finals, force=opts.force, folders_ok=True)  # each checkpoint is a folder
+
+    corpus = load_text(opts.calibration)
+    n_layers = len({int(m.group(1)) for n in ckpt.tensors if (m := re.match(r"^model\.layers\.(\d+)\.", n))})
+    run = _Run(ckpt, opts, group_size, corpus, _calibration(ckpt, corpus, opts), opts.backend or GPTQModelBackend(),
+               n_layers, _n_params(ckpt), notes)
+    with folder_lock(out_dir):  # one writer per folder: the <folder>.part names are this run's alone
+        return [_quantize_bits(run, b, final) for b, final in zip(bit_list, finals)]
+
+
+def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]:
+    """Refuse what cannot work before any work; the group size to use and the notes about it."""
     dims = input_dims(ckpt)
     if not dims:
         raise EdgequantError(f"{ckpt.path} has no decoder weight matrices (model.layers.N.*.weight) GPTQ can quantize; pass a causal LM checkpoint")
@@ -399,189 +417,49 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     if opts.batch_size < 1:
         raise EdgequantError(f"--batch-size {opts.batch_size}: use at least 1")
     resolve_device(opts.device)
-    out_dir = Path(output) if output is not None else Path.cwd()
-    check_output_folder(out_dir)
-    name = _model_name(ckpt)
-    finals = [out_dir / folder_name(name, b, group_size, opts.desc_act, opts.sym) for b in bit_list]
-    check_writable(finals, force=opts.force, folders_ok=True)  # each checkpoint is a folder
+    return group_size, [note] if note else []
 
-    corpus = load_text(opts.calibration)
+
+def _calibration(ckpt: Checkpoint, corpus: Text, opts: GPTQOptions) -> list[list[int]]:
+    """The calibration windows, tokenized with the source's own tokenizer."""
     from transformers import AutoTokenizer
 
     from edgequant.remote_code import load_kwargs, refused
 
     with refused(ckpt.path):
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
-    windows = calibration_windows(tokenizer, corpus.text, opts.samples, opts.seq_len, opts.seed)
-    backend = opts.backend or GPTQModelBackend()
-    n_layers = len({int(m.group(1)) for n in ckpt.tensors if (m := re.match(r"^model\.layers\.(\d+)\.", n))})
-    n_params = _n_params(ckpt)
-    notes = [note] if note else []
-
-    with folder_lock(out_dir):  # one writer per folder: the <folder>.part names are this run's alone
-        results = _quantize_each(bit_list, finals, group_size, opts, ckpt, corpus, windows, backend, n_layers, n_params, notes)
-    return results
+    return calibration_windows(tokenizer, corpus.text, opts.samples, opts.seq_len, opts.seed)
 
 
-def _quantize_each(bit_list, finals, group_size, opts, ckpt, corpus, windows, backend, n_layers, n_params, notes):
-    """Each bit width into ``<folder>.part/``, then renamed (the caller holds the folder's lock)."""
-    results = []
-    for b, final in zip(bit_list, finals):
-        spec = GPTQSpec(bits=b, group_size=group_size, desc_act=opts.desc_act, sym=opts.sym, damp_percent=opts.damp_percent,
-                        true_sequential=opts.true_sequential, device=opts.device, batch_size=opts.batch_size, seed=opts.seed)
-        part = final.with_name(final.name + ".part")
-        _remove(part)  # left by a run that was killed outright
-        t0 = time.perf_counter()
-        try:
-            part.mkdir(parents=True)
-            with progress_count(f"GPTQ {b}-bit", n_layers) as bar:
-                def on_layer(i: int, bar=bar, b=b) -> None:
-                    bar.describe(f"GPTQ {b}-bit layer {i + 1}/{n_layers}")
-                    bar.advance(1)
+def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
+    """One bit width into ``<final>.part/``, then renamed (the caller holds the folder's lock)."""
+    opts = run.opts
+    spec = GPTQSpec(bits=bits, group_size=run.group_size, desc_act=opts.desc_act, sym=opts.sym,
+                    damp_percent=opts.damp_percent, true_sequential=opts.true_sequential, device=opts.device,
+                    batch_size=opts.batch_size, seed=opts.seed)
+    t0 = time.perf_counter()
+    with _staged_folder(final) as part:
+        with progress_count(f"GPTQ {bits}-bit", run.n_layers) as bar:
+            def on_layer(i: int) -> None:
+                bar.describe(f"GPTQ {bits}-bit layer {i + 1}/{run.n_layers}")
+                bar.advance(1)
 
-                layers = backend.quantize(ckpt.path, spec, windows, part, on_layer)
-            if not any(part.glob("*.safetensors")):
-                raise RuntimeError(f"internal error: the {backend.name} backend wrote no weights into {part}")
-            _finish_folder(part, ckpt, _readme(final.name, ckpt.path, spec, corpus.name, len(windows), opts.seq_len, backend.name))
-            if final.exists():
-                _remove(final)
-            os.replace(part, final)
-        except BaseException:
-            _remove(part)
-            raise
-        weights = sum(p.stat().st_size for p in final.glob("*.safetensors"))
-        size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
-        results.append(GPTQResult(
-            folder=str(final), bits=b, group_size=group_size, desc_act=opts.desc_act, sym=opts.sym, size_bytes=size,
-            weights_bytes=weights, bits_per_weight=round(weights * 8 / n_params, 3) if n_params else 0.0,
-            seconds=round(time.perf_counter() - t0, 2), calibration=corpus.name, samples=len(windows), seq_len=opts.seq_len,
-            seed=opts.seed, device=opts.device, backend=backend.name, layers=layers, notes=list(notes),
-        ))
-    return results
+            layers = run.backend.quantize(run.ckpt.path, spec, run.windows, part, on_layer)
+        if not any(part.glob("*.safetensors")):
+            raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
+        readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name)
+        _finish_folder(part, run.ckpt, readme)
+    return _result(run, spec, final, layers, time.perf_counter() - t0)
 
 
-# --------------------------------------------------------------------------- #
-# Reload
-# --------------------------------------------------------------------------- #
-
-
-def is_gptq_folder(path: str | Path) -> bool:
-    """An HF folder whose config.json carries a GPTQ ``quantization_config``."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return False
-    return str(qc.get("quant_method", "")).lower() == "gptq"
-
-
-class _Expert(torch.nn.Module):
-    def __init__(self, hidden: int, ff: int, act_fn, dtype, device):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, ff, bias=False, dtype=dtype, device=device)
-        self.up_proj = torch.nn.Linear(hidden, ff, bias=False, dtype=dtype, device=device)
-        self.down_proj = torch.nn.Linear(ff, hidden, bias=False, dtype=dtype, device=device)
-        self.act_fn = act_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class PerExpertLinears(torch.nn.ModuleList):
-    """Stand-in for transformers 5's fused experts module (``gate_up_proj [E, 2ff, h]``,
-    ``down_proj [E, h, ff]``) with one ``gate_proj``/``up_proj``/``down_proj`` Linear per expert,
-    the layout GPTQ checkpoints store; same call and the same math as the fused module."""
-
-    def __init__(self, fused: torch.nn.Module):
-        n_expert, two_ff, hidden = fused.gate_up_proj.shape
-        dtype, device = fused.gate_up_proj.dtype, fused.gate_up_proj.device
-        super().__init__([_Expert(hidden, two_ff // 2, fused.act_fn, dtype, device) for _ in range(n_expert)])
-        self.num_experts = n_expert
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for e in range(self.num_experts):
-            token_idx, k_pos = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
-                continue
-            y = self[e](hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
-
-
-def defuse_experts(model: torch.nn.Module) -> int:
-    """Replace every fused experts module (3-D ``gate_up_proj``/``down_proj``, no biases) by
-    :class:`PerExpertLinears`; returns how many were replaced."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if not (isinstance(gu, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gu.dim() == 3):
-            continue
-        if any(n.endswith("_bias") for n, _ in module.named_parameters(recurse=False)) or not hasattr(module, "act_fn"):
-            continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, PerExpertLinears(module))
-        count += 1
-    return count
-
-
-def _per_expert_checkpoint(folder: Path) -> bool:
-    from safetensors import safe_open
-
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            if any(_PER_EXPERT_KEY.search(k) and k.endswith(".qweight") for k in f.keys()):
-                return True
-    return False
-
-
-def load_gptq_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """The GPTQ folder as a transformers model ready for inference (eval mode) on ``device``.
-
-    Fails with :class:`EdgequantError` when any weight would be missing, unexpected or re-shaped,
-    instead of running a model with re-initialised weights.
-    """
-    folder = Path(folder)
-    if not is_gptq_folder(folder):
-        raise EdgequantError(f"{folder} is not a GPTQ folder (config.json has no GPTQ quantization_config); make one with edgequant gptq")
-    dev = resolve_device(device)
-    with quiet_gptqmodel():
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-        from transformers.utils import is_optimum_available
-
-        if not is_optimum_available():
-            raise EdgequantError("loading GPTQ checkpoints in transformers needs optimum: pip install optimum")
-        from edgequant.remote_code import load_kwargs, refused
-
-        with refused(folder):
-            config = AutoConfig.from_pretrained(str(folder), **load_kwargs(folder))
-        try:
-            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        except KeyError:
-            raise EdgequantError(f"{folder}: {type(config).__name__} is not a causal LM transformers knows") from None
-        if _per_expert_checkpoint(folder):
-            base = cls
-
-            class _PerExpert(base):  # type: ignore[misc, valid-type]
-                def __init__(self, *args, **kwargs):
-                    super().__init__(*args, **kwargs)
-                    defuse_experts(self)
-
-            _PerExpert.__name__ = _PerExpert.__qualname__ = base.__name__
-            cls = _PerExpert
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        kwargs.update(load_kwargs(folder))
-        model, info = cls.from_pretrained(str(folder), device_map={"": dev}, output_loading_info=True, **kwargs)
-    problems = [(k, info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")]
-    problems = [(k, sorted(map(str, v))) for k, v in problems if v]
-    if problems:
-        k, v = problems[0]
-        raise EdgequantError(
-            f"{folder} does not load cleanly in transformers: {len(v)} {k.replace('_', ' ')} (e.g. {v[0]}); "
-            "the weights would be re-initialised. Re-make the folder with edgequant gptq"
-        )
-    return model.eval()
+def _result(run: _Run, spec: GPTQSpec, final: Path, layers: list[LayerError], seconds: float) -> GPTQResult:
+    """What one written folder holds, measured on disk."""
+    weights = sum(p.stat().st_size for p in final.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+    return GPTQResult(
+        folder=str(final), bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym,
+        size_bytes=size, weights_bytes=weights,
+        bits_per_weight=round(weights * 8 / run.n_params, 3) if run.n_params else 0.0,
+        seconds=round(seconds, 2), calibration=run.corpus.name, samples=len(run.windows), seq_len=run.opts.seq_len,
+        seed=spec.seed, device=spec.device, backend=run.backend.name, layers=layers, notes=list(run.notes),
+    )

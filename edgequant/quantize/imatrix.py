@@ -25,7 +25,7 @@ import torch
 
 from edgequant.atomic import check_writable
 from edgequant.text import chunk_ids, load_text
-from edgequant.checkpoint import open_checkpoint
+from edgequant.checkpoint import Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
@@ -43,6 +43,8 @@ _EXPERT_LINEAR_TENSOR = {"gate_proj": _EXPERT_NAMES[0], "w1": _EXPERT_NAMES[0], 
 
 @dataclass
 class ImatrixResult:
+    """What ``compute_imatrix`` wrote (``--json`` prints it)."""
+
     path: str
     entries: int
     chunks: int
@@ -57,16 +59,20 @@ class ImatrixResult:
 
 
 class _Collector:
+    """Per tensor (and per expert): the sums of squared input activations per column, and the token counts."""
+
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}
 
     def _slot(self, name: str, n_expert: int, cols: int) -> None:
+        """Zeroed sums and counts for ``name`` on first use."""
         if name not in self.sums:
             self.sums[name] = torch.zeros(n_expert, cols, dtype=torch.float64)
             self.counts[name] = torch.zeros(n_expert, dtype=torch.float64)
 
     def add(self, name: str, x: torch.Tensor, expert: int | None = None, n_expert: int = 1) -> None:
+        """Add the rows of ``x`` (the inputs a matrix saw) to ``name``'s slot of ``expert``."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         self._slot(name, n_expert, x.shape[-1])
         e = 0 if expert is None else expert
@@ -74,6 +80,7 @@ class _Collector:
         self.counts[name][e] += x.shape[0]
 
     def linear_hook(self, name: str):
+        """A pre-hook adding a plain Linear's inputs."""
         def hook(_module, args):
             self.add(name, args[0].detach())
         return hook
@@ -87,6 +94,8 @@ class _Collector:
         return hook
 
     def experts_hook(self, bid: int, arch):
+        """A pre-hook on a fused experts module: per expert, the routed hidden states (gate/up input)
+        and the recomputed ``act(gate) * up`` (down input)."""
         gate, up, down = (arch.tensor_name(t, bid) for t in _EXPERT_NAMES)
 
         def hook(module, args, kwargs):
@@ -110,6 +119,7 @@ class _Collector:
         return hook
 
     def imatrix(self) -> dict[str, ImatrixEntry]:
+        """What was collected, as imatrix entries (float32)."""
         return {n: ImatrixEntry(sums=self.sums[n].numpy().astype(np.float32), counts=self.counts[n].numpy().astype(np.float32))
                 for n in self.sums}
 
@@ -124,6 +134,8 @@ def compute_imatrix(
     device: str = "cpu",
     force: bool = False,
 ) -> ImatrixResult:
+    """An importance matrix of ``source`` (an HF folder) on ``text``, written to ``output`` in
+    llama.cpp's GGUF imatrix format; see the module docstring."""
     t0 = time.perf_counter()
     output = Path(output)
     check_writable([output], force=force)  # before minutes of compute, not after
@@ -131,23 +143,48 @@ def compute_imatrix(
     ckpt = open_checkpoint(source)
     arch = architecture_for(ckpt.hf_architecture)(ckpt)
     corpus = load_text(text)
+    batches = _chunks(ckpt, corpus.text, ctx, chunks)
+    model = _load_model(ckpt, dev)
+    col = _Collector()
+    _measure(model, batches, dev, _hooks(model, col, arch, int(ckpt.config.get("num_local_experts") or 0)),
+             ckpt.hf_architecture)
+    result = Imatrix(entries=col.imatrix(), datasets=[corpus.name], chunk_count=len(batches), chunk_size=ctx)
+    write_imatrix(result, output, force=force)
+    return ImatrixResult(
+        path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
+        tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
+    )
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def _chunks(ckpt: Checkpoint, text: str, ctx: int, chunks: int | None) -> list[list[int]]:
+    """The text tokenized once with the source's tokenizer and cut into chunks of ``ctx`` tokens
+    (BOS first in each when the tokenizer adds BOS), as ``llama-imatrix`` does."""
+    from transformers import AutoTokenizer
 
     from edgequant.remote_code import load_kwargs, refused
 
     with refused(ckpt.path):
         tok = AutoTokenizer.from_pretrained(str(ckpt.path), **load_kwargs(ckpt.path))
-    ids = tok(corpus.text, add_special_tokens=True, verbose=False).input_ids
+    ids = tok(text, add_special_tokens=True, verbose=False).input_ids
     bos = tok.bos_token_id if (tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id) else None
-    batches = chunk_ids(ids, ctx, chunks, bos)
+    return chunk_ids(ids, ctx, chunks, bos)
+
+
+def _load_model(ckpt: Checkpoint, dev: torch.device):
+    """The source in eval mode on ``dev`` (float32 on CPU, bfloat16 on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.remote_code import load_kwargs, refused
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     with refused(ckpt.path):
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, **load_kwargs(ckpt.path)).to(dev).eval()
-    col = _Collector()
+        return AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, **load_kwargs(ckpt.path)).to(dev).eval()
+
+
+def _hooks(model, col: _Collector, arch, n_expert: int) -> list:
+    """A forward pre-hook on every module whose inputs a quantized matrix sees: fused experts
+    modules, per-expert Linears, and the Linears of ``blk.*`` tensors."""
     handles = []
-    n_expert = int(ckpt.config.get("num_local_experts") or 0)
     for name, module in model.named_modules():
         m = _EXPERTS_MODULE.match(name)
         e = _EXPERT_LINEAR.match(name)
@@ -161,8 +198,13 @@ def compute_imatrix(
             gname = arch.mapped_name(name + ".weight")
             if gname is not None and gname.startswith("blk."):
                 handles.append(module.register_forward_pre_hook(col.linear_hook(gname)))
+    return handles
+
+
+def _measure(model, batches: list[list[int]], dev: torch.device, handles: list, hf_architecture: str) -> None:
+    """Run every chunk through the model with the hooks on; the hooks are removed afterwards."""
     if not handles:
-        raise EdgequantError(f"found no weight matrices to measure in {ckpt.hf_architecture}; is this a causal LM?")
+        raise EdgequantError(f"found no weight matrices to measure in {hf_architecture}; is this a causal LM?")
     try:
         with torch.no_grad(), progress_count("imatrix", len(batches)) as bar:
             for chunk in batches:
@@ -171,9 +213,3 @@ def compute_imatrix(
     finally:
         for h in handles:
             h.remove()
-    result = Imatrix(entries=col.imatrix(), datasets=[corpus.name], chunk_count=len(batches), chunk_size=ctx)
-    write_imatrix(result, output, force=force)
-    return ImatrixResult(
-        path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
-        tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
-    )
