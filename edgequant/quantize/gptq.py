@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from edgequant.atomic import atomic_outputs, check_output_folder, check_writable, folder_lock, write_text
+from edgequant.atomic import atomic_folder, atomic_outputs, check_output_folder, check_writable, folder_lock, write_text
 from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
@@ -340,32 +340,6 @@ def _finish_folder(part: Path, ckpt: Checkpoint, readme: str) -> None:
     write_text(part / "README.md", readme)
 
 
-def _remove(path: Path) -> None:
-    """A file or folder, if present (a symlink itself, not what it points to)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextlib.contextmanager
-def _staged_folder(final: Path) -> Iterator[Path]:
-    """``<final>.part/`` to write into, renamed to ``final`` (replacing it) when the block succeeds and
-    removed on any exception, Ctrl-C included. The caller holds the parent folder's lock, so a
-    ``.part`` already there is a killed run's."""
-    part = final.with_name(final.name + ".part")
-    _remove(part)
-    try:
-        part.mkdir(parents=True)
-        yield part
-        if final.exists():
-            _remove(final)
-        part.replace(final)
-    except BaseException:
-        _remove(part)
-        raise
-
-
 # --------------------------------------------------------------------------- #
 # The command
 # --------------------------------------------------------------------------- #
@@ -438,7 +412,7 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
                     damp_percent=opts.damp_percent, true_sequential=opts.true_sequential, device=opts.device,
                     batch_size=opts.batch_size, seed=opts.seed)
     t0 = time.perf_counter()
-    with _staged_folder(final) as part:
+    with atomic_folder(final, replace=True) as part:  # <final>.<pid>-<rand>.part, renamed at the end
         with progress_count(f"GPTQ {bits}-bit", run.n_layers) as bar:
             def on_layer(i: int) -> None:
                 bar.describe(f"GPTQ {bits}-bit layer {i + 1}/{run.n_layers}")
