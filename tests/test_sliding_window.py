@@ -140,3 +140,20 @@ def test_unknown_mode_is_one_clear_error(tiny_mistral_dir, tmp_path):
 
     with pytest.raises(EdgequantError, match="--sliding-window 'sometimes': use ignore or exact"):
         convert(tiny_mistral_dir, tmp_path, sliding_window="sometimes")
+
+
+def test_cli_flag_json_and_inspect(mistral16, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgequant.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["convert", str(mistral16), "--outtype", "f16", "--sliding-window", "exact",
+                              "-o", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["sliding_window"] == "exact" and data["architecture"] == "granite_swa"
+    res = runner.invoke(app, ["inspect", data["files"][0], "--json"])
+    assert json.loads(res.stdout)["sliding_window"] == "exact"
+    res = runner.invoke(app, ["convert", str(mistral16), "--sliding-window", "always", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--sliding-window 'always': use ignore or exact" in res.output

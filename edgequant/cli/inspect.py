@@ -31,6 +31,8 @@ def _render(info, path: Path, tensors: bool) -> None:
     table.add_row("architecture", str(info.architecture))
     table.add_row("name", str(info.name))
     table.add_row("file type", str(info.file_type))
+    if info.sliding_window:
+        table.add_row("sliding window", info.sliding_window)
     table.add_row("parameters", f"{info.n_params:,}")
     table.add_row("size", f"{human_size(info.size_bytes)} in {len(info.files)} file(s), {info.bits_per_weight:.2f} bits/weight")
     table.add_row("tensor types", ", ".join(f"{k}: {v}" for k, v in sorted(info.type_counts.items())))

@@ -15,7 +15,9 @@ import edgequant
 from edgequant.atomic import check_output_folder, check_writable
 from edgequant.checkpoint import Checkpoint, open_checkpoint
 from edgequant.errors import EdgequantError
+from edgequant.gguf_info import KEY_SLIDING_WINDOW
 from edgequant.export.archs import Architecture, architecture_for
+from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.export.gguf_file import OUTTYPES, TensorChoice, choose_types, ftype_label, tensor_nbytes, write_gguf
 from edgequant.export.template import ChatTemplates, check_templates, find_templates
 from edgequant.export.vocab import Vocab, build_vocab
@@ -46,6 +48,7 @@ class ConvertResult:
     fingerprint: str
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sliding_window: str | None = None  # "exact", "ignored" (the runtime attends to everything), None: no window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,11 +76,12 @@ def convert(
     split_max_tensors: int = 0,
     model_name: str | None = None,
     force: bool = False,
+    sliding_window: str = DEFAULT_SLIDING_WINDOW,
 ) -> ConvertResult:
     """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
     t0 = time.perf_counter()
     _check_arguments(output, outtype, template_bos, split_max_size, split_max_tensors)
-    src = _read_source(source, outtype, chat_template, template_bos, pre_tokenizer)
+    src = _read_source(source, outtype, chat_template, template_bos, pre_tokenizer, sliding_window)
     final, meta = _final_path(src.ckpt, src.arch, src.choices, src.ftype, output, model_name)
     files = write_gguf(final, src.arch.arch_name, src.choices, _metadata_writer(src, meta),
                        split_max_tensors=split_max_tensors, split_max_size=split_max_size, force=force,
@@ -115,11 +119,14 @@ class _Source:
     fingerprint: str
 
 
-def _read_source(source, outtype: str, chat_template, template_bos: str, pre_tokenizer: str | None) -> _Source:
+def _read_source(source, outtype: str, chat_template, template_bos: str, pre_tokenizer: str | None,
+                 sliding_window: str = DEFAULT_SLIDING_WINDOW) -> _Source:
     """Open the checkpoint and check what llama.cpp will need: the vocabulary, the chat template
     (its BOS policy) and embedding rows that match the token count."""
+    if sliding_window not in SLIDING_WINDOW_MODES:  # before reading any weights
+        raise EdgequantError(f"--sliding-window {sliding_window!r}: use {' or '.join(SLIDING_WINDOW_MODES)}")
     ckpt = open_checkpoint(source)
-    arch = architecture_for(ckpt.hf_architecture)(ckpt)
+    arch = architecture_for(ckpt.hf_architecture)(ckpt, sliding_window=sliding_window)
     ftype = resolve_outtype(outtype, ckpt.source_dtype())
     vocab = build_vocab(ckpt, pre_tokenizer)
     templates = find_templates(ckpt, Path(chat_template) if chat_template else None)
@@ -148,6 +155,8 @@ def _metadata_writer(src: _Source, meta: gguf.Metadata) -> Callable[[gguf.GGUFWr
         w.add_string(KEY_SOURCE_ARCH, src.ckpt.hf_architecture)
         if src.templates.bos_policy:
             w.add_string(KEY_BOS_POLICY, src.templates.bos_policy)
+        if src.arch.window:
+            w.add_string(KEY_SLIDING_WINDOW, src.arch.window)
 
     return add_metadata
 
@@ -173,6 +182,7 @@ def _result(src: _Source, files: list[Path], seconds: float) -> ConvertResult:
         fingerprint=src.fingerprint,
         fallbacks=[c.fallback for c in src.choices if c.fallback],
         notes=src.arch.notes + src.vocab.notes + src.templates.notes,
+        sliding_window=src.arch.window,
     )
 
 
