@@ -95,7 +95,7 @@ class _Run:
         if rec is not None:
             self.skipped.append(artifact)
             self.log(f"[dim]unchanged[/] {escape(artifact)}")  # log lines are rich markup: names are escaped
-            self.time(group, rec["result"].get("stage_seconds", 0.0), skipped=True)
+            self.add_time(group, rec["result"].get("stage_seconds", 0.0), skipped=True)
             return rec
         self.st.forget(artifact)
         self.log(f"[bold]making[/] {escape(artifact)}")
@@ -105,10 +105,10 @@ class _Run:
         result["made_at"] = _now()
         rec = self.st.record(artifact, key, paths, result)
         self.made.append(artifact)
-        self.time(group, result["stage_seconds"], skipped=False)
+        self.add_time(group, result["stage_seconds"], skipped=False)
         return rec
 
-    def time(self, group: str, seconds: float, *, skipped: bool) -> None:
+    def add_time(self, group: str, seconds: float, *, skipped: bool) -> None:
         self.timings.setdefault(group, StageTime()).add(seconds, skipped=skipped)
 
     def check_template(self, gguf: Path) -> None:
@@ -328,7 +328,7 @@ def _bench_stage(run: _Run, r: Recipe) -> tuple[dict[str, dict | None], BenchMet
         run.made.append("bench")
     else:
         run.skipped.append("bench")
-    run.time("bench", meta.get("seconds", 0.0), skipped=not stale)
+    run.add_time("bench", meta.get("seconds", 0.0), skipped=not stale)
     return rows, BenchMeta.from_dict(meta, ctx=b.ctx, devices=list(r.devices), flash_attn=b.flash_attn)
 
 
