@@ -69,8 +69,12 @@ class DemoResult:
 
 
 def run_demo(folder: str | Path = "edgequant-demo", log=None) -> DemoResult:
+    """Rebuild SmolLM2 in ``folder/source``, release it into ``folder/dist`` with :data:`RECIPE`, ask the
+    recommended file :data:`QUESTION`."""
+    from edgequant.atomic import write_text
     from edgequant.progress import quiet_libraries
     from edgequant.release.card import recommend
+    from edgequant.release.manifest import read_manifest
     from edgequant.release.pipeline import release
     from edgequant.release.recipe import load_recipe
 
@@ -81,23 +85,21 @@ def run_demo(folder: str | Path = "edgequant-demo", log=None) -> DemoResult:
     recipe_path = folder / "release.toml"
     text = RECIPE.format(source=checkpoint.as_posix(), name=NAME, output=(folder / "dist").as_posix())
     if not recipe_path.is_file() or recipe_path.read_text() != text:
-        recipe_path.write_text(text)
+        write_text(recipe_path, text)
     rel = release(load_recipe(recipe_path), log=log, command=f"edgequant release {recipe_path}")
     result = DemoResult(folder=str(folder), checkpoint=str(checkpoint), recipe=str(recipe_path), release=rel.to_dict())
 
-    import json
-
-    manifest = json.loads(Path(rel.manifest).read_text())
-    best = recommend(manifest) or next(a for a in manifest["artifacts"] if a["kind"] == "gguf")
+    manifest = read_manifest(Path(rel.manifest))
+    best = recommend(manifest) or manifest.of_kind("gguf")[0]
     from edgequant.llamacpp import open_llama
 
-    gguf = Path(rel.folder) / best["path"]
+    gguf = Path(rel.folder) / best.path
     llm = open_llama(gguf, n_ctx=512, seed=0)
     try:
         reply = llm.create_chat_completion([{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.0)
     finally:
         llm.close()
-    result.answered_by = best["path"]
+    result.answered_by = best.path
     result.answer = reply["choices"][0]["message"]["content"].strip()
     result.seconds = round(time.perf_counter() - t0, 2)
     return result

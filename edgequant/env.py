@@ -1,14 +1,27 @@
-"""What a measurement ran on: the host (CPU, cores, GPU, OS, llama.cpp's buffer policy) and tool versions."""
+"""What a measurement ran on: the host (CPU, cores, GPU, OS, llama.cpp's buffer policy) and tool versions.
+
+One shape for the versions, in the bench report and the release manifest alike: snake_case keys
+(``edgequant``, ``llama_cpp_python``, ``llama_cpp_commit``, ``gguf``, ``torch``, ``transformers``,
+``gptqmodel``, ``numpy``, ``python``), None for a package that is not installed.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Mapping
 
+from edgequant import __version__
 from edgequant.devices import default_threads
+
+# llama.cpp commit vendored by each llama-cpp-python release (from its CHANGELOG)
+LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098"}
 
 
 def host_info() -> dict:
+    """CPU model, core counts, first GPU, OS, Python and llama.cpp's weight-buffer policy."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -17,8 +30,6 @@ def host_info() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     gpu = None
     try:
         import torch
@@ -34,14 +45,46 @@ def host_info() -> dict:
             "llama_cpp_buffers": repack_policy().to_dict()}
 
 
-def versions() -> dict:
-    """Versions of everything that can change a number in the report."""
+@dataclass(frozen=True)
+class Versions:
+    """Versions of everything that can change a number in a report or a file in a release."""
+
+    edgequant: str | None = None
+    llama_cpp_python: str | None = None
+    llama_cpp_commit: str | None = None  # the llama.cpp that llama-cpp-python vendors, when known
+    gguf: str | None = None
+    torch: str | None = None
+    transformers: str | None = None
+    gptqmodel: str | None = None
+    numpy: str | None = None
+    python: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Versions:
+        """From a report's or manifest's ``versions`` (unknown keys are ignored)."""
+        data = data or {}
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def tool_versions() -> Versions:
+    """The installed versions (distribution metadata; edgequant's own from the package)."""
     from importlib import metadata
 
-    out = {}
-    for dist in ("edgequant", "llama-cpp-python", "gguf", "torch", "transformers", "gptqmodel", "numpy"):
+    def dist(name: str) -> str | None:
         try:
-            out[dist] = metadata.version(dist)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+            return None
+
+    lcp = dist("llama-cpp-python")
+    return Versions(edgequant=__version__, llama_cpp_python=lcp, llama_cpp_commit=LLAMA_CPP_COMMITS.get(lcp or ""),
+                    gguf=dist("gguf"), torch=dist("torch"), transformers=dist("transformers"),
+                    gptqmodel=dist("gptqmodel"), numpy=dist("numpy"), python=platform.python_version())
+
+
+def versions() -> dict:
+    """:func:`tool_versions` as the plain dict a bench report and a manifest carry."""
+    return tool_versions().to_dict()

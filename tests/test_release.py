@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edgequant.cli import app
-from edgequant.errors import GateFailed
+from edgequant.errors import EdgequantError, GateFailed
+from edgequant.release.manifest import Manifest
 from edgequant.release.pipeline import release, release_merge
 from edgequant.release.recipe import load_recipe
 
@@ -58,6 +59,7 @@ def check_manifest(folder: Path) -> dict:
             data = (folder / rel).read_bytes()
             assert hashlib.sha256(data).hexdigest() == hashes[rel], rel
     assert not list(folder.rglob("*.part"))
+    assert Manifest.from_dict(m).to_dict() == m  # the typed manifest reads back exactly what it wrote
     return m
 
 
@@ -181,7 +183,21 @@ def test_only_shards_merge(tiny_mistral_dir, tmp_path):
     assert sorted(types) == ["BF16", "Q4_K_M", "Q8_0"] and merged.status == "ok"
     card = (tmp_path / "dist" / "README.md").read_text()
     assert "Tiny-Q8_0.gguf" in card and "Tiny-Q4_K_M.gguf" in card
-    assert len(json.loads((tmp_path / "dist" / "bench.json").read_text())["rows"]) == 3
+    report = json.loads((tmp_path / "dist" / "bench.json").read_text())
+    assert len(report["rows"]) == 3
+    shard = json.loads((tmp_path / "Q8_0" / "bench.json").read_text())  # the shards' own settings, not defaults
+    settings = ("text", "ctx", "chunks", "devices", "threads", "flash_attn", "speed_settings")
+    assert {k: report[k] for k in settings} == {k: shard[k] for k in settings} and report["text"]["chars"] > 0
+
+    import shutil
+
+    other = tmp_path / "other"  # a shard benchmarked otherwise cannot join: one report states one set of settings
+    shutil.copytree(tmp_path / "Q4_K_M", other)
+    bench = json.loads((other / "bench.json").read_text())
+    (other / "bench.json").write_text(json.dumps({**bench, "flash_attn": not bench["flash_attn"]}))
+    with pytest.raises(EdgequantError, match="benchmarked with other settings") as e:
+        release_merge([tmp_path / "Q8_0", other], tmp_path / "dist2")
+    assert str(other) in str(e.value) and str(tmp_path / "Q8_0") in str(e.value) and "flash_attn" in str(e.value)
 
 
 def test_bad_recipes_fail_before_work(tiny_mistral_dir, tmp_path):

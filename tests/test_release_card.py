@@ -10,6 +10,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from edgequant.release import card as C
+from edgequant.release import modelfile as M
 from edgequant.release.recipe import recipe_from_dict
 
 SMOL_TEMPLATE = (
@@ -144,7 +145,7 @@ def test_no_gptq_tag_without_gptq_and_no_missing_fields():
 def test_recommended_row_is_smallest_good_gguf():
     m = smol_manifest()
     rec = C.recommend(m)
-    assert rec["type"] == "Q4_K_M"  # same_top 0.91 >= 90 % although KLD 0.0561 > 0.05; Q2_K fails both; F16 never
+    assert rec.type == "Q4_K_M"  # same_top 0.91 >= 90 % although KLD 0.0561 > 0.05; Q2_K fails both; F16 never
     rows = _table_rows(C.render_model_card(m))
     header, body = rows[0], rows[1:]
     notes = header.index("Notes")
@@ -159,9 +160,9 @@ def test_recommend_rule_edges():
     for a in m["artifacts"]:
         if a.get("type") in ("Q8_0", "Q4_K_M"):
             a["metrics"].update(kld_mean=0.2, same_top=0.8)
-    assert C.recommend(m)["type"] in ("Q8_0", "Q4_K_M")
+    assert C.recommend(m).type in ("Q8_0", "Q4_K_M")
     m["artifacts"][1]["metrics"]["kld_mean"] = 0.1
-    assert C.recommend(m)["type"] == "Q8_0"
+    assert C.recommend(m).type == "Q8_0"
     # unmeasured files are never recommended
     for a in m["artifacts"]:
         if a.get("metrics"):
@@ -275,7 +276,7 @@ def test_card_is_valid_markdown_structure():
 
 def test_modelfile_chatml():
     m = smol_manifest()
-    mf = C.render_modelfile(m, "SmolLM2-135M-Instruct-Q4_K_M.gguf")
+    mf = M.render_modelfile(m, "SmolLM2-135M-Instruct-Q4_K_M.gguf")
     assert "FROM ./SmolLM2-135M-Instruct-Q4_K_M.gguf" in mf
     tpl = re.search(r'TEMPLATE """(.*?)"""', mf, re.S).group(1)
     assert "{{ .System }}" in tpl and "range $i, $_ := .Messages" in tpl and "<|im_start|>assistant" in tpl
@@ -289,8 +290,8 @@ def test_modelfile_chatml():
 
 def test_modelfile_mistral():
     m = mistral_manifest()
-    assert C.chat_family(m["chat_template"]) == "mistral"  # family null: recognised from the Jinja source
-    mf = C.render_modelfile(m, "Tiny-Mistral-Q4_K_M.gguf")
+    assert M.chat_family(m["chat_template"]) == "mistral"  # family null: recognised from the Jinja source
+    mf = M.render_modelfile(m, "Tiny-Mistral-Q4_K_M.gguf")
     tpl = re.search(r'TEMPLATE """(.*?)"""', mf, re.S).group(1)
     assert "[INST]" in tpl and "{{ $.System }}" in tpl
     for stop in ("[INST]", "[/INST]", "</s>"):
@@ -305,7 +306,7 @@ def test_modelfile_mistral():
     # Mistral v3 spacing ("[/INST]" without a space) is read from the example
     v3 = copy.deepcopy(m)
     v3["chat_template"]["example"] = "<s>[INST] You are a concise assistant.\n\nWhat is the capital of France?[/INST]"
-    tpl3 = re.search(r'TEMPLATE """(.*?)"""', C.render_modelfile(v3, "x.gguf"), re.S).group(1)
+    tpl3 = re.search(r'TEMPLATE """(.*?)"""', M.render_modelfile(v3, "x.gguf"), re.S).group(1)
     assert render_go(tpl3, system="", messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                                 {"role": "user", "content": "c"}]) == "[INST] a[/INST] b</s>[INST] c[/INST]"
 
@@ -313,26 +314,26 @@ def test_modelfile_mistral():
 def test_modelfile_llama3_and_unknown_family():
     m = mistral_manifest()
     m["chat_template"] = {"template": "{{ '<|start_header_id|>' }}", "family": None, "eos_tokens": ["<|eot_id|>"], "example": ""}
-    tpl = re.search(r'TEMPLATE """(.*?)"""', C.render_modelfile(m, "x.gguf"), re.S).group(1)
+    tpl = re.search(r'TEMPLATE """(.*?)"""', M.render_modelfile(m, "x.gguf"), re.S).group(1)
     assert render_go(tpl, system="S", messages=[{"role": "user", "content": "U"}]) == (
         "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     m["chat_template"] = {"template": "{{ '<start_of_turn>' }}", "family": "gemma", "eos_tokens": ["<end_of_turn>"]}
-    mf = C.render_modelfile(m, "Tiny-00001-of-00002.gguf")
+    mf = M.render_modelfile(m, "Tiny-00001-of-00002.gguf")
     assert "TEMPLATE" not in mf.replace("No TEMPLATE", "").replace("add a TEMPLATE", "")
     assert "tokenizer.chat_template" in mf and 'PARAMETER stop "<end_of_turn>"' in mf
     assert "llama-gguf-split --merge" in mf
     m["chat_template"] = None
-    mf = C.render_modelfile(m, "x.gguf")
+    mf = M.render_modelfile(m, "x.gguf")
     assert "FROM ./x.gguf" in mf and "PARAMETER" not in mf
 
 
 def test_default_system_from_manifest_wins():
     m = smol_manifest()
     m["chat_template"]["default_system"] = None
-    assert "SYSTEM" not in C.render_modelfile(m, "x.gguf").replace("{{ .System }}", "").replace("if .System", "")
+    assert "SYSTEM" not in M.render_modelfile(m, "x.gguf").replace("{{ .System }}", "").replace("if .System", "")
     m["chat_template"]["default_system"] = "Be brief."
-    assert 'SYSTEM """Be brief."""' in C.render_modelfile(m, "x.gguf")
+    assert 'SYSTEM """Be brief."""' in M.render_modelfile(m, "x.gguf")
 
 
 # -- a tiny Go text/template evaluator: just what the Modelfile templates use -----------------------------
@@ -460,6 +461,6 @@ def test_go_evaluator_sanity():
                      messages=[{"role": "u", "content": ""}, {"role": "a", "content": ""}]) == "0u1a"
 
 
-@pytest.mark.parametrize("family", sorted(C.OLLAMA_FAMILIES))
+@pytest.mark.parametrize("family", sorted(M.OLLAMA_FAMILIES))
 def test_every_family_has_a_template(family):
-    assert "{{" in C.ollama_template(family, "[INST] x [/INST]")
+    assert "{{" in M.ollama_template(family, "[INST] x [/INST]")

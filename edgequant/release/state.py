@@ -103,6 +103,7 @@ class Stages:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _load(self) -> None:
+        """Read the stage record (none, or a damaged one: start afresh)."""
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
@@ -154,6 +155,7 @@ class Stages:
         self.save()
 
     def record(self, artifact: str, key: str, paths: list[Path], result: dict) -> dict:
+        """Remember what ``artifact`` was made with (``key``), the size, signature and sha256 of its files, its result."""
         files = {}
         for top in paths:
             for f in artifact_files(top):

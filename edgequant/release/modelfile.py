@@ -1,0 +1,182 @@
+"""The release's Ollama ``Modelfile``, rendered from its manifest.
+
+The Modelfile points ``FROM`` at one GGUF of the release and carries a ``TEMPLATE`` in Ollama's Go
+template syntax for the chat families in ``OLLAMA_FAMILIES`` (ChatML, Mistral ``[INST]``, Llama 3),
+their stop tokens, and the system prompt the chat template inserts when a conversation has none.
+For any other template it leaves the template out, and Ollama derives one from the GGUF's
+``tokenizer.chat_template``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from edgequant.errors import EdgequantError
+from edgequant.release.manifest import ChatTemplate, Manifest, as_manifest
+from edgequant.release.template_gate import CONVERSATIONS
+
+# Go templates for Ollama. The system prompt comes from .System (Ollama also fills it from SYSTEM and from
+# system messages), so system messages in .Messages are skipped; a last assistant message stays open so
+# Ollama can continue it. BOS is not written: Ollama adds it from the GGUF's tokenizer settings.
+_CHATML = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+# Mistral [INST]: the system prompt goes in front of the last user message (Mistral's v3 templates; the
+# older ones reject system messages). CLOSE is " [/INST]" (v1/v2) or "[/INST]" (v3), read from the example.
+_MISTRAL = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}[INST] {{ if and $.System $last }}{{ $.System }}
+
+{{ end }}{{ .Content }}CLOSE
+{{- else if eq .Role "assistant" }}SPACE{{ .Content }}{{ if not $last }}</s>{{ end }}
+{{- end }}
+{{- end }}"""
+
+_LLAMA3 = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
+
+{{ .System }}<|eot_id|>
+{{- end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ .Content }}{{ if not $last }}<|eot_id|>{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- end }}"""
+
+OLLAMA_FAMILIES = {
+    "chatml": ["<|im_end|>", "<|im_start|>"],
+    "mistral": ["[INST]", "[/INST]", "</s>"],
+    "llama3": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+}
+
+
+def ollama_name(name: str) -> str:
+    """The model name for ``ollama create``: lower case, only ``[a-z0-9._-]``."""
+    n = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")
+    return n or "model"
+
+
+def _chat(chat_template: ChatTemplate | Mapping[str, Any] | None) -> ChatTemplate | None:
+    return ChatTemplate.from_dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
+
+
+def chat_family(chat_template: ChatTemplate | Mapping[str, Any] | None) -> str | None:
+    """The manifest's family when we know it, else one recognised from the Jinja source; None otherwise."""
+    ct = _chat(chat_template)
+    if ct is None:
+        return None
+    if ct.family:
+        return ct.family.lower() if ct.family.lower() in OLLAMA_FAMILIES else None
+    return family_of(ct.template or "")
+
+
+def family_of(template: str) -> str | None:
+    """The family a Jinja chat template belongs to, recognised from its markers; None for any other."""
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template and "Cutting Knowledge" not in template:  # 3.1+ add a dated system header
+        return "llama3"
+    if "[INST]" in template and "<<SYS>>" not in template:  # Llama 2's [INST] <<SYS>> is another format
+        return "mistral"
+    return None
+
+
+def ollama_template(family: str, example: str | None = None) -> str:
+    """The Go template for a family in ``OLLAMA_FAMILIES``."""
+    if family == "chatml":
+        return _CHATML
+    if family == "llama3":
+        return _LLAMA3
+    if family == "mistral":
+        spaced = example is None or " [/INST]" in example
+        return _MISTRAL.replace("CLOSE", " [/INST]" if spaced else "[/INST]").replace("SPACE", "" if spaced else " ")
+    raise ValueError(f"no Ollama template for {family!r}")
+
+
+def default_system_prompt(chat_template: ChatTemplate | None) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (SmolLM2 does), or None.
+
+    ``default_system`` when the manifest has it; else, for ChatML, read from the template rendered
+    with a lone user message."""
+    ct = chat_template
+    if ct is None:
+        return None
+    if ct.default_system is not None:
+        return ct.default_system or None
+    if chat_family(ct) != "chatml" or not ct.template:
+        return None
+    try:
+        from edgequant.export.template import render
+
+        eos = (ct.eos_tokens or ["<|im_end|>"])[0]
+        text = render(ct.template, CONVERSATIONS["system + user"][1:], bos_token=ct.bos or "", eos_token=eos)
+    except Exception:  # a template that cannot render alone: no default system prompt to report
+        return None
+    mt = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    return mt.group(1) if mt else None
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def render_modelfile(manifest: Manifest | Mapping[str, Any], gguf_file: str) -> str:
+    """An Ollama Modelfile for ``gguf_file`` (a file name in the release folder)."""
+    m = as_manifest(manifest)
+    name = m.name or "model"
+    ct = m.chat_template
+    on = ollama_name(name)
+    lines = [f"# Ollama Modelfile for {name}, written by edgequant {m.versions.edgequant or '?'}.",
+             f"#   ollama create {on} -f Modelfile && ollama run {on}"]
+    if re.search(r"-\d{5}-of-\d{5}\.gguf$", gguf_file):
+        lines.append("# This GGUF is split in parts; if Ollama refuses it, merge the parts with llama-gguf-split --merge "
+                     "and point FROM at the merged file.")
+    lines.append(f"FROM ./{gguf_file}")
+    lines += _template_lines(ct)
+    family = chat_family(ct)
+    stops = list(OLLAMA_FAMILIES.get(family or "", [])) + [t for t in (ct.eos_tokens if ct else []) if t]
+    if stops:
+        lines.append("")
+        lines += [f"PARAMETER stop {_quote(s)}" for s in dict.fromkeys(stops)]
+    system = default_system_prompt(ct)
+    if system:
+        lines.append("")
+        if '"""' in system:
+            lines.append("# The model's default system prompt contains triple quotes and is left out; set one with /set system.")
+        else:
+            lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def _template_lines(ct: ChatTemplate | None) -> list[str]:
+    """The ``TEMPLATE`` for a known family, else a comment saying why there is none."""
+    family = chat_family(ct)
+    if not family:
+        return ["", "# No TEMPLATE: this chat template is not one edgequant translates (" + ", ".join(OLLAMA_FAMILIES) + ");",
+                "# Ollama derives a template from the GGUF's tokenizer.chat_template metadata. If chat replies look",
+                "# wrong, add a TEMPLATE in Go template syntax (https://docs.ollama.com/template)."]
+    tpl = ollama_template(family, ct.example)
+    if '"""' in tpl:  # cannot happen with our templates; guard the quoting anyway
+        raise EdgequantError("internal: Ollama template contains triple quotes")
+    return ["", f"# Chat template ({family}), in Ollama's Go template syntax.", f'TEMPLATE """{tpl}"""']
