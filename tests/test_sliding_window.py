@@ -157,3 +157,37 @@ def test_cli_flag_json_and_inspect(mistral16, tmp_path):
     assert json.loads(res.stdout)["sliding_window"] == "exact"
     res = runner.invoke(app, ["convert", str(mistral16), "--sliding-window", "always", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--sliding-window 'always': use ignore or exact" in res.output
+
+
+def test_release_of_an_exact_file(mistral16, tmp_path):
+    """release.sliding_window = "exact": the base, the quant, the bench, the card and the Modelfile."""
+    from edgequant.release.pipeline import release
+    from edgequant.release.recipe import load_recipe
+
+    out = tmp_path / "dist"
+    recipe = tmp_path / "release.toml"
+    recipe.write_text(f"""
+[release]
+source = "{mistral16.as_posix()}"
+name = "Swa"
+output = "{out.as_posix()}"
+gguf = ["Q8_0"]
+sliding_window = "exact"
+
+[bench]
+ctx = 64
+chunks = 2
+speed = false
+""")
+    result = release(load_recipe(recipe))
+    assert result.status == "ok"
+    m = json.loads((out / "manifest.json").read_text())
+    ggufs = [a for a in m["artifacts"] if a["kind"] == "gguf"]
+    assert {a["sliding_window"] for a in ggufs} == {"exact"} and len(ggufs) == 2
+    assert all(inspect_gguf(out / a["path"]).architecture == "granite_swa" for a in ggufs)
+    q8 = next(a for a in ggufs if a["type"] == "Q8_0")
+    assert q8["metrics"]["kld_mean"] is not None  # llama.cpp ran both files
+    card = (out / "README.md").read_text()
+    assert "### Sliding window" in card and "`granite_swa`" in card
+    modelfile = (out / "Modelfile").read_text()
+    assert "\nFROM ./Swa-Q8_0.gguf" in modelfile and "granite_swa" in modelfile

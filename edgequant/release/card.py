@@ -347,7 +347,24 @@ def _notes_section(m: Manifest) -> list[str]:
         lines.append("")
     if any(isinstance(a, GGUFArtifact) and a.imatrix for a in m.models):
         lines += _imatrix_note(m)
-    return lines
+    return lines + _window_note(m)
+
+
+def _window_note(m: Manifest) -> list[str]:
+    """Which sliding-window form the GGUF files are (convert --sliding-window), and what that means."""
+    window = next((a.sliding_window for a in m.models if isinstance(a, GGUFArtifact) and a.sliding_window), None)
+    if window == "exact":
+        text = ("The GGUF files use llama.cpp's `granite_swa` architecture: the model's sliding window is honoured, "
+                "so llama.cpp's logits equal transformers' at every context length. They need llama.cpp from "
+                "PR #25505 (July 2026) or later, or a llama-cpp-python / Ollama / LM Studio build that includes it; "
+                "older builds refuse them (`unknown model architecture`).")
+    elif window == "ignored":
+        text = ("The GGUF files use llama.cpp's `llama` architecture, which attends to the whole context: up to the "
+                "model's sliding window the logits equal transformers', past it they differ, as in every Mistral "
+                "GGUF made by llama.cpp's own converter. They load in every llama.cpp-based runtime.")
+    else:
+        return []
+    return ["### Sliding window", "", text, ""]
 
 
 def _imatrix_note(m: Manifest) -> list[str]:

@@ -160,13 +160,17 @@ class GGUFArtifact(ModelArtifact):
     quant_type: str | None = None
     imatrix: bool = False
     fallbacks: list[str] = field(default_factory=list)  # tensors written in another type than asked
+    sliding_window: str | None = None  # "exact" or "ignored" (convert --sliding-window); None: no window
 
     def to_dict(self) -> dict:
         d = {**self._common(), "type": self.type}
         if self.quant_type is not None:
             d["quant_type"] = self.quant_type
-        return {**d, "bits_per_weight": self.bits_per_weight, "imatrix": self.imatrix, "fallbacks": self.fallbacks,
-                "options": self.options, "metrics": _metrics_dict(self.metrics)}
+        d = {**d, "bits_per_weight": self.bits_per_weight, "imatrix": self.imatrix, "fallbacks": self.fallbacks,
+             "options": self.options, "metrics": _metrics_dict(self.metrics)}
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+        return d
 
 
 @dataclass(kw_only=True)
@@ -222,7 +226,7 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
                  "options": d.get("options") or {}, "metrics": Metrics.from_dict(d.get("metrics"))}
         if kind == "gguf":
             return GGUFArtifact(**model, quant_type=d.get("quant_type"), imatrix=bool(d.get("imatrix")),
-                                fallbacks=fallback_list(d.get("fallbacks")))
+                                fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"))
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []))
     if kind == "imatrix":
         return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"))

@@ -152,6 +152,9 @@ def render_modelfile(manifest: Manifest | Mapping[str, Any], gguf_file: str) -> 
     if re.search(r"-\d{5}-of-\d{5}\.gguf$", gguf_file):
         lines.append("# This GGUF is split in parts; if Ollama refuses it, merge the parts with llama-gguf-split --merge "
                      "and point FROM at the merged file.")
+    if any(getattr(a, "sliding_window", None) == "exact" and a.path == gguf_file for a in m.models):
+        lines.append("# This GGUF is llama.cpp's granite_swa architecture (the model's sliding window kept): it needs an "
+                     "Ollama whose llama.cpp includes PR #25505 (July 2026 or later).")
     lines.append(f"FROM ./{gguf_file}")
     lines += _template_lines(ct)
     family = chat_family(ct)

@@ -171,16 +171,18 @@ def _base_stage(run: _Run) -> None:
     base_path = (out if r.keep_base else out / STATE_DIR / "work") / f"{r.name}-{base_t}.gguf"
     template_file = r.resolve(r.chat_template) if r.chat_template else None
     run.base_key = stage_key("base", run.fingerprint, base_t, r.split_max_size, r.name, r.keep_base,
-                             template_file.read_text() if template_file else None, run.versions.edgequant)
+                             template_file.read_text() if template_file else None, r.sliding_window,
+                             run.versions.edgequant)
 
     def make():
         from edgequant.export.convert import convert
 
         res = convert(run.ckpt.path, base_path, outtype=base_t.lower(), chat_template=template_file,
-                      split_max_size=r.split_max_size, model_name=r.name, force=True)
+                      split_max_size=r.split_max_size, model_name=r.name, force=True, sliding_window=r.sliding_window)
         files = [Path(f) for f in res.files]
         return files, {"type": base_t, "files": [f.name for f in files], "fallbacks": list(res.fallbacks),
-                       "notes": res.notes, "size_bytes": res.size_bytes, "bits_per_weight": res.bits_per_weight}
+                       "notes": res.notes, "size_bytes": res.size_bytes, "bits_per_weight": res.bits_per_weight,
+                       "architecture": res.architecture, "sliding_window": res.sliding_window}
 
     rec = run.stage("base", "convert", run.base_key, make)
     run.base_files = [out / p for p in rec["paths"]]
@@ -389,11 +391,12 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
     """The base (when kept), the imatrix, each GGUF and each GPTQ artifact, with their measured metrics."""
     recs = run.st.data["artifacts"]
     arts: list = []
+    window = recs["base"]["result"].get("sliding_window")  # every GGUF is quantized from the base
     if r.keep_base:
         res = recs["base"]["result"]
         arts.append(GGUFArtifact(**_files(run, "base"), type=res["type"], bits_per_weight=res["bits_per_weight"],
                                  fallbacks=fallback_list(res["fallbacks"]), options={"outtype": res["type"].lower()},
-                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True)))
+                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True), sliding_window=window))
     if "imatrix" in recs and r.needs_imatrix:
         res = recs["imatrix"]["result"]
         arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"]))
@@ -402,7 +405,7 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,
                                  bits_per_weight=res["bits_per_weight"], imatrix=v.imatrix,
                                  fallbacks=fallback_list(res["fallbacks"]), options=v.to_dict(),
-                                 metrics=Metrics.from_bench_row(rows.get(v.artifact))))
+                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), sliding_window=window))
     for v in r.gptq:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
