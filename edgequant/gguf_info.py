@@ -59,6 +59,12 @@ def shard_name(stem: str, i: int, n: int) -> str:
     return gguf.SHARD_NAME_FORMAT.format(stem, i, n)
 
 
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """``(stem, i, n)`` of a shard name from :func:`shard_name`; None for a file that is not a shard."""
+    m = _SHARD.match(name)
+    return (m.group("stem"), int(m.group("i")), int(m.group("n"))) if m else None
+
+
 def shard_paths(path: Path) -> list[Path]:
     """All shards of a split GGUF given any one of them (or the file itself)."""
     m = _SHARD.match(path.name)

@@ -189,5 +189,6 @@ speed = false
     assert q8["metrics"]["kld_mean"] is not None  # llama.cpp ran both files
     card = (out / "README.md").read_text()
     assert "### Sliding window" in card and "`granite_swa`" in card
+    assert "](quality.png)" in card and "  bench.json" in card  # the plot and the reports are in the card
     modelfile = (out / "Modelfile").read_text()
     assert "\nFROM ./Swa-Q8_0.gguf" in modelfile and "granite_swa" in modelfile

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.bench.backends import cuda_absent_reason, model_kind, open_backend
+from edgequant.bench.options import BenchOptions  # noqa: F401 (re-exported)
 from edgequant.devices import default_threads, parse_devices
 from edgequant.env import host_info, versions
 from edgequant.bench.quality import CompressedReference, QualityAccumulator
@@ -80,25 +81,6 @@ class BenchReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-@dataclass
-class BenchOptions:
-    reference: str | Path | None = None
-    text: str | Path | Text | None = None
-    ctx: int = 512
-    chunks: int | None = None
-    devices: str | list[str] = "cpu"
-    threads: int | None = None
-    flash_attn: bool = True
-    speed: bool = True
-    quality: bool = True
-    pp: int = 512
-    tg: int = 128
-    reps: int = 5
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    isolated_speed: bool = True  # each speed test in a fresh process (clean load time and peak RSS)
 
 
 def describe_model(path: str | Path, kind: str) -> ModelRow:

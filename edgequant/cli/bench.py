@@ -13,8 +13,7 @@ from typing import Optional
 import typer
 
 from edgequant.atomic import check_output_folder, check_writable, write_text
-from edgequant.bench import report as rep
-from edgequant.bench.run import BenchOptions, run_bench
+from edgequant.bench.options import BenchOptions
 from edgequant.cli.options import JsonOpt, RepackOpt, TrustOpt, VerboseOpt, llama_options, trust
 from edgequant.cli.output import Table, err, fail, out, run, say
 from edgequant.errors import EdgequantError
@@ -54,7 +53,9 @@ def bench(
     llama_options(repack, verbose)
 
     if json_schema:
-        print(json.dumps(rep.JSON_SCHEMA, indent=2))
+        from edgequant.bench.report import JSON_SCHEMA
+
+        print(json.dumps(JSON_SCHEMA, indent=2))
         return
     fmt = "json" if as_json else fmt.lower()
     if fmt not in FORMATS:
@@ -67,6 +68,8 @@ def bench(
 
     def work():
         """Check the output files, then measure."""
+        from edgequant.bench.run import run_bench
+
         _check_targets([output, plot], force)  # before the measuring, not after
         return run_bench(list(models or []), opts)
 
@@ -90,12 +93,16 @@ def _check_targets(targets: list[Optional[Path]], force: bool) -> None:
 
 def _renderers(report) -> dict:
     """The report as text in each file format."""
+    from edgequant.bench import report as rep
+
     return {"json": lambda: report.to_json() + "\n", "csv": lambda: rep.to_csv(report),
             "md": lambda: rep.to_markdown(report)}
 
 
 def _write_files(report, fmt: str, output: Optional[Path], plot: Optional[Path]) -> None:
     """``-o``: the report in ``--format`` (for ``table``: by the file's suffix, else Markdown); ``--plot``: the PNG."""
+    from edgequant.bench import report as rep
+
     quiet = fmt == "json"
     if output is not None:
         kind = fmt if fmt != "table" else {".json": "json", ".csv": "csv", ".md": "md"}.get(output.suffix.lower(), "md")
@@ -109,6 +116,8 @@ def _write_files(report, fmt: str, output: Optional[Path], plot: Optional[Path])
 
 def _render(report) -> None:
     """The table (wide when piped), the settings line, then absent rows and notes on stderr."""
+    from edgequant.bench import report as rep
+
     header, cells = rep.display_rows(report)
     table = Table(*header, title="edgequant bench")
     for row in cells:

@@ -29,7 +29,7 @@ import llama_cpp
 
 from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, folder_lock
 from edgequant.errors import EdgequantError
-from edgequant.gguf_info import inspect_gguf, shard_name, shard_paths
+from edgequant.gguf_info import inspect_gguf, parse_shard_name, shard_name, shard_paths
 from edgequant.progress import progress_count
 from edgequant.quantize import types as qtypes
 from edgequant.quantize.imatrix_file import Imatrix, check_matches_model, read_imatrix
@@ -93,8 +93,8 @@ def ggml_type(name: str) -> int:
 
 def output_name(src: Path, type_name: str) -> str:
     """``Model-7B-F16.gguf`` -> ``Model-7B-Q4_K_M.gguf`` (the converter's naming)."""
-    stem = src.name.removesuffix(".gguf")
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    shard = parse_shard_name(src.name)
+    stem = shard[0] if shard else src.name.removesuffix(".gguf")
     return f"{_TYPE_SUFFIX.sub('', stem)}-{type_name}.gguf"
 
 

@@ -14,6 +14,7 @@ import re
 from typing import Any, Mapping
 
 from edgequant.errors import EdgequantError
+from edgequant.gguf_info import parse_shard_name
 from edgequant.release.manifest import ChatTemplate, Manifest, as_manifest
 from edgequant.release.template_gate import CONVERSATIONS
 
@@ -149,7 +150,7 @@ def render_modelfile(manifest: Manifest | Mapping[str, Any], gguf_file: str) -> 
     on = ollama_name(name)
     lines = [f"# Ollama Modelfile for {name}, written by edgequant {m.versions.edgequant or '?'}.",
              f"#   ollama create {on} -f Modelfile && ollama run {on}"]
-    if re.search(r"-\d{5}-of-\d{5}\.gguf$", gguf_file):
+    if parse_shard_name(gguf_file):
         lines.append("# This GGUF is split in parts; if Ollama refuses it, merge the parts with llama-gguf-split --merge "
                      "and point FROM at the merged file.")
     if any(getattr(a, "sliding_window", None) == "exact" and a.path == gguf_file for a in m.models):

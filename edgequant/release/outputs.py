@@ -164,10 +164,14 @@ def write_outputs(out: Path, manifest: Manifest, rows: dict[str, dict | None], m
         rec = recommend(manifest)
         write_text(out / "Modelfile", render_modelfile(manifest, rec.path if rec else ggufs[0].path))
         outputs.append(("Modelfile", "modelfile"))
+    for name, kind in outputs:  # before the card, which links the plot and lists what the release holds
+        _publish(manifest, out, name, kind)
     write_text(out / "README.md", render_model_card(manifest))
-    outputs.append(("README.md", "card"))
-    for name, kind in outputs:
-        p = out / name
-        manifest.artifacts.append(Artifact(path=name, files=[name], kind=kind, sha256=sha256_file(p),
-                                           size_bytes=p.stat().st_size))
+    _publish(manifest, out, "README.md", "card")
     write_text(out / "manifest.json", manifest.to_json())
+
+
+def _publish(manifest: Manifest, out: Path, name: str, kind: str) -> None:
+    """List a written output file in the manifest, with its sha256 and size."""
+    p = out / name
+    manifest.artifacts.append(Artifact(path=name, files=[name], kind=kind, sha256=sha256_file(p), size_bytes=p.stat().st_size))

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Iterable, Mapping
 
-from edgequant.bench.run import BenchOptions
+from edgequant.bench.options import BenchOptions
 from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.naming import gptq_label
 from edgequant.quantize.gptq_options import GPTQOptions
