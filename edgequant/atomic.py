@@ -102,8 +102,7 @@ def atomic_outputs(finals: Sequence[Path]) -> Iterator[list[Path]]:
             locks.enter_context(folder_lock(folder))
         for final in finals:  # under the lock no other process writes here: what is left is a killed run's
             for stale in final.parent.glob(f"{glob.escape(final.name)}.*{PART_SUFFIX}"):
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    stale.unlink()
+                _remove(stale)  # a file, or a staging folder (quantize --keep-split)
         try:
             yield parts
             for p, final in zip(parts, finals):

@@ -27,7 +27,7 @@ from typing import Iterator
 import gguf
 import llama_cpp
 
-from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, folder_lock
+from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, part_path
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import inspect_gguf, parse_shard_name, shard_name, shard_paths
 from edgequant.progress import progress_count
@@ -351,20 +351,20 @@ def _write_file(src: Path, final: Path, params, t: qtypes.QuantType, watch: _Log
 
 def _write_shards(src: Path, final: Path, n_shards: int, params, t: qtypes.QuantType,
                   watch: _LogWatcher) -> list[Path]:
-    """``--keep-split``: llama.cpp names the shards itself, so they are written into a staging folder
-    beside the output and renamed one by one."""
+    """``--keep-split``: llama.cpp names the shards itself, so it writes them into a staging folder (a
+    ``.part`` name of this write's own); they become the ``.part`` files of ``atomic_outputs`` and are
+    renamed together when every shard is there."""
     finals = _split_finals(final, n_shards)  # checked for existing files in quantize()
-    staging = final.parent / f".{final.name}.part.d"
-    with folder_lock(final.parent):  # one writer per folder: the staging name is this folder's alone
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_outputs(finals) as parts:
+        staging = part_path(finals[0])  # swept with the first shard's leftovers if this run is killed
         staging.mkdir()
         try:
             _run_quantizer(src, staging / final.name, params, t, watch)
             produced = sorted(staging.glob("*.gguf"))
             if len(produced) != len(finals):
                 raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
-            for p, f in zip(produced, finals):
-                os.replace(p, f)
+            for shard, part in zip(produced, parts):
+                os.replace(shard, part)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return finals
