@@ -219,3 +219,20 @@ def test_bad_recipes_fail_before_work(tiny_mistral_dir, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.stderr
     res = runner.invoke(app, ["release", str(tiny_mistral_dir), "--bench-ctxx", "64"])
     assert res.exit_code == 2 and "--bench-ctx" in res.stderr
+
+
+def test_split_release_names_shards_after_the_artifact(tiny_mixtral_dir, tmp_path):
+    """split_max_size: the base and every quant are shard sets named Name-TYPE-0000i-of-0000n.gguf,
+    written by llama.cpp's quantizer straight into the release folder and listed with their hashes."""
+    out = tmp_path / "dist"
+    path = write_recipe(tmp_path, recipe_text(tiny_mixtral_dir, out, gguf='["Q8_0"]',
+                                              extra='split_max_size = "1M"').replace("repetitions = 1", "repetitions = 1\nspeed = false"))
+    result = release(load_recipe(path))
+    assert result.status == "ok"
+    m = check_manifest(out)
+    ggufs = {a["type"]: a for a in m["artifacts"] if a["kind"] == "gguf"}
+    n = len(ggufs["Q8_0"]["files"])
+    assert n > 1 and len(ggufs["BF16"]["files"]) == n
+    assert ggufs["Q8_0"]["files"] == [f"Tiny-Q8_0-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert ggufs["Q8_0"]["metrics"]["kld_mean"] is not None
+    assert not [p for p in out.iterdir() if p.name.startswith("Tiny-Q8_0") and p.name not in ggufs["Q8_0"]["files"]]

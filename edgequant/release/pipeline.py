@@ -26,7 +26,6 @@ from rich.markup import escape
 
 from edgequant.env import tool_versions
 from edgequant.errors import GateFailed
-from edgequant.gguf_info import shard_name
 from edgequant.naming import gptq_folder
 from edgequant.release.manifest import (BenchInfo, ChatTemplate, GGUFArtifact, GPTQArtifact, Host, ImatrixArtifact, Manifest,
                                         Metrics, RecipeRecord, Source, StageTime, fallback_list)
@@ -221,16 +220,8 @@ def _quantize(run: _Run, v: GGUFVariant) -> tuple[list[Path], dict]:
     opts = QuantizeOptions(imatrix=out / "imatrix.gguf" if v.imatrix else None, output_tensor_type=v.output_tensor_type,
                            token_embedding_type=v.token_embedding_type, tensor_types=list(v.tensor_types),
                            pure=v.pure, leave_output_tensor=v.leave_output_tensor, keep_split=split, force=True)
-    dest = out / STATE_DIR / f"split-{v.artifact}" if split else out / f"{name}.gguf"
-    (res,) = quantize(run.base_files[0], [v.type], dest, opts)
+    (res,) = quantize(run.base_files[0], [v.type], out / f"{name}.gguf", opts)  # split: Name-TYPE-0000i-of-0000n
     files = [Path(f) for f in res.files]
-    if split:  # shards named after the artifact, in the release folder
-        moved = []
-        for i, f in enumerate(sorted(files), 1):
-            moved.append(out / shard_name(name, i, len(files)))
-            os.replace(f, moved[-1])
-        shutil.rmtree(dest, ignore_errors=True)
-        files = moved
     return files, {"type": v.type, "files": [f.name for f in files], "fallbacks": [str(x) for x in res.fallbacks],
                    "type_counts": res.type_counts, "size_bytes": res.size_bytes,
                    "bits_per_weight": res.bits_per_weight, "imatrix": v.imatrix}
