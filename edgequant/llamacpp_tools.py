@@ -75,6 +75,31 @@ def sdist(version: str | None = None) -> Path:
     return archive
 
 
+def vendored(relpath: str) -> Path:
+    """A file of the llama.cpp that the installed llama-cpp-python vendors (``models/ggml-vocab-qwen2.gguf``,
+    ``models/templates/Qwen-Qwen3-0.6B.jinja``, ``convert_hf_to_gguf.py``), taken from its sdist into the
+    cache once: test material and specs of exactly the runtime's llama.cpp commit."""
+    src = sdist()
+    if src.is_dir():
+        path = _unpack(src, src) / relpath
+        if not path.is_file():
+            raise EdgequantError(f"{src} has no vendor/llama.cpp/{relpath}")
+        return path
+    final = cache_root() / "llama.cpp-vendored" / f"{installed_version()}-{src.stat().st_size}" / relpath
+    if final.is_file():
+        return final
+    with tarfile.open(src) as tar:
+        member = next((m for m in tar.getmembers() if m.isfile() and m.name.split("/", 1)[-1] == f"vendor/llama.cpp/{relpath}"), None)
+        if member is None:
+            raise EdgequantError(f"{src} has no vendor/llama.cpp/{relpath}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(f"{final.name}.{os.getpid()}.part")
+        with tar.extractfile(member) as data, open(part, "wb") as out:
+            shutil.copyfileobj(data, out)
+        os.replace(part, final)
+    return final
+
+
 def _sha256(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256(str(path.resolve()).encode()).hexdigest()

@@ -220,3 +220,16 @@ def test_a_crashing_test_is_reported_and_the_rest_still_run(tmp_path):
     assert proc.returncode != 0, out
     assert "1 failed, 2 passed" in out, out
     assert "test_segfaults" in out and "crashed" in out, out
+
+
+def test_vendored_files_come_from_the_runtime_sdist():
+    """Test material of exactly the runtime's llama.cpp (vocab GGUFs, templates), taken from its sdist once."""
+    from edgequant.errors import EdgequantError
+    from edgequant.gguf_info import inspect_gguf
+    from edgequant.llamacpp_tools import vendored
+
+    vocab = vendored("models/ggml-vocab-qwen2.gguf")
+    assert inspect_gguf(vocab).metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert vendored("models/ggml-vocab-qwen2.gguf") == vocab  # cached
+    with pytest.raises(EdgequantError, match="has no vendor/llama.cpp/models/nope.gguf"):
+        vendored("models/nope.gguf")
