@@ -36,6 +36,12 @@ LLAMA3_REGEX = (
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# GPT-4o's o200k split (Phi-4-mini, Xenova/gpt-4o): llama.cpp's "gpt-4o" set, whose regex comment is this one.
+GPT4O_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # canonical steps -> llama.cpp name. Each entry was checked against llama-vocab.cpp's regex set.
 _KNOWN: dict[tuple, str] = {
@@ -43,6 +49,7 @@ _KNOWN: dict[tuple, str] = {
     (_DIGITS, _BYTELEVEL): "smollm",  # = starcoder's regexes; see clean-spaces rule below
     (("split", LLAMA3_REGEX),): "llama-bpe",
     (("split", QWEN2_REGEX),): "qwen2",
+    (("split", GPT4O_REGEX),): "gpt-4o",
 }
 
 

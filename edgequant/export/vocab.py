@@ -118,12 +118,23 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
         _set_added(vocab, int(tid), text, special=False)
     for tid, info in (tok_cfg.get("added_tokens_decoder") or {}).items():
         _set_added(vocab, int(tid), info["content"], special=bool(info.get("special")))
+    _overlay_tokenizer_json_added(ckpt, vocab, n_sp)
 
     vocab.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     if tok_cfg.get("add_prefix_space") is not None:
         vocab.add_space_prefix = bool(tok_cfg["add_prefix_space"])
     _check_spm_space_prefix(ckpt, vocab)
     return vocab
+
+
+def _overlay_tokenizer_json_added(ckpt: Checkpoint, vocab: Vocab, n_sp: int) -> None:
+    """tokenizer.json's added tokens (where transformers 5 keeps them, e.g. Phi-3's ``<|end|>``) over the
+    SentencePiece pieces; a token that is already the same piece of the model keeps its SentencePiece type."""
+    for a in (ckpt.read_json("tokenizer.json") or {}).get("added_tokens", []):
+        tid, text = int(a["id"]), a["content"]
+        if tid < n_sp and tid < len(vocab.tokens) and vocab.tokens[tid] == text:
+            continue
+        _set_added(vocab, tid, text, special=bool(a.get("special")))
 
 
 def _set_added(vocab: Vocab, tid: int, text: str, *, special: bool) -> None:
