@@ -35,6 +35,7 @@ class Part:
     permute_heads: int | None = None
     transpose: bool = False
     data: np.ndarray | None = None  # computed by the architecture instead of read
+    offset: float = 0.0  # added to every value, in float32 (Gemma's RMSNorm weights are stored as 1 + w)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -49,7 +50,14 @@ class Part:
         return tuple(shape)
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
-        """Row blocks in the source dtype, in order; the writer encodes each to the file's type."""
+        """Row blocks in the source dtype (float32 with an offset), in order; the writer encodes each to the file's type."""
+        if self.offset:
+            for t in self._chunks(chunk_bytes):
+                yield t.float() + self.offset
+            return
+        yield from self._chunks(chunk_bytes)
+
+    def _chunks(self, chunk_bytes: int) -> Iterator[torch.Tensor]:
         if self.data is not None:
             yield torch.from_numpy(self.data)
             return

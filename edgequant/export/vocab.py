@@ -92,7 +92,7 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
     if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE: llama.cpp's "llama" vocab handles both scores
         raise EdgequantError(f"{path}: SentencePiece model type {proto.trainer_spec.model_type} is not supported by llama.cpp's SPM tokenizer")
     n_sp = proc.vocab_size()
-    n_vocab = int(ckpt.config.get("vocab_size") or n_sp)
+    n_vocab = int(_vocab_rows(ckpt) or tokenizer_size(ckpt, n_sp, tok_cfg))
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TT.UNUSED)] * n_vocab
@@ -118,7 +118,7 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
         _set_added(vocab, int(tid), text, special=False)
     for tid, info in (tok_cfg.get("added_tokens_decoder") or {}).items():
         _set_added(vocab, int(tid), info["content"], special=bool(info.get("special")))
-    _overlay_tokenizer_json_added(ckpt, vocab, n_sp)
+    _overlay_tokenizer_json_added(ckpt, vocab)
 
     vocab.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
     if tok_cfg.get("add_prefix_space") is not None:
@@ -127,14 +127,32 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
     return vocab
 
 
-def _overlay_tokenizer_json_added(ckpt: Checkpoint, vocab: Vocab, n_sp: int) -> None:
-    """tokenizer.json's added tokens (where transformers 5 keeps them, e.g. Phi-3's ``<|end|>``) over the
-    SentencePiece pieces; a token that is already the same piece of the model keeps its SentencePiece type."""
+def _overlay_tokenizer_json_added(ckpt: Checkpoint, vocab: Vocab) -> None:
+    """tokenizer.json's added tokens (where transformers 5 keeps them: Phi-3's ``<|end|>``, Gemma's turn
+    tokens) over the SentencePiece pieces; the model's own special pieces (``<s>``, ``</s>``, ``<unk>``)
+    keep their SentencePiece type."""
     for a in (ckpt.read_json("tokenizer.json") or {}).get("added_tokens", []):
-        tid, text = int(a["id"]), a["content"]
-        if tid < n_sp and tid < len(vocab.tokens) and vocab.tokens[tid] == text:
-            continue
-        _set_added(vocab, tid, text, special=bool(a.get("special")))
+        tid = int(a["id"])
+        if tid >= len(vocab.tokens) or vocab.types[tid] in (TT.NORMAL, TT.UNUSED):
+            _set_added(vocab, tid, a["content"], special=bool(a.get("special")))
+
+
+def _vocab_rows(ckpt: Checkpoint) -> int | None:
+    """The architecture's vocabulary size: config.json's (padded), or None for the tokenizer's own."""
+    from edgequant.export.archs import architecture_for
+
+    try:
+        return architecture_for(ckpt.hf_architecture).vocab_rows(ckpt)
+    except EdgequantError:  # an architecture convert does not know: config.json's word
+        return ckpt.config.get("vocab_size")
+
+
+def tokenizer_size(ckpt: Checkpoint, n_pieces: int, tok_cfg: dict[str, Any]) -> int:
+    """The tokenizer's own token count: its SentencePiece pieces and every added token's id."""
+    ids = [int(i) for i in (tok_cfg.get("added_tokens_decoder") or {})]
+    ids += [int(a["id"]) for a in (ckpt.read_json("tokenizer.json") or {}).get("added_tokens", [])]
+    ids += [int(i) for i in (ckpt.read_json("added_tokens.json") or {}).values()]
+    return max([n_pieces - 1, *ids]) + 1
 
 
 def _set_added(vocab: Vocab, tid: int, text: str, *, special: bool) -> None:

@@ -29,10 +29,21 @@ class Architecture:
             raise EdgequantError(f"--sliding-window {sliding_window!r}: use {' or '.join(SLIDING_WINDOW_MODES)}")
         self.sliding_window_mode = sliding_window
         self.ckpt = ckpt
-        self.config = ckpt.config
+        self.config = self.model_config(ckpt)
         self.notes: list[str] = []  # decisions and fallbacks the user must be told about
         self.n_blocks = int(self.hparam("num_hidden_layers", "n_layers", "n_layer"))
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_blocks)
+
+    @classmethod
+    def model_config(cls, ckpt: Checkpoint) -> dict:
+        """The part of config.json that describes the language model (a multimodal class nests it)."""
+        return ckpt.config
+
+    @classmethod
+    def vocab_rows(cls, ckpt: Checkpoint) -> int | None:
+        """How many tokens the GGUF vocabulary has: config.json's vocab_size (ids the tokenizer does not
+        fill become ``[PADn]`` tokens), or None for the tokenizer's own size (the embedding is truncated)."""
+        return ckpt.config.get("vocab_size")
 
     @property
     def arch_name(self) -> str:
