@@ -18,7 +18,8 @@ import fixtures_qwen
 from edgequant.errors import EdgequantError
 from edgequant.export.convert import convert
 from edgequant.llamacpp_tools import vendored
-from edgequant.quantize.gguf_quant import quantize
+from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
+from edgequant.quantize.imatrix import compute_imatrix
 from fixtures_qwen import ENDOFTEXT, IM_END, IM_START, N_BPE, QWEN3_ADDED, QWEN_VOCAB_SIZE
 from llama_helpers import hf_logits, hf_tokenizer, llama, llama_logits, llama_tokenize
 
@@ -245,3 +246,14 @@ def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(fixture, request, converted, tm
         got = llama_logits(res.files[0], ids)
         assert np.isfinite(got).all()
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), res
+
+
+def test_imatrix_of_qwen3_drives_an_iq2_quant(tiny_qwen3_dir, converted, tmp_path):
+    """The collector sees every block matrix (q/k/v/o, gate/up/down; the tied output has none of its own)."""
+    compute_imatrix(tiny_qwen3_dir, tmp_path / "imatrix.gguf", ctx=128, chunks=2)
+    names = {t.name.rsplit(".", 1)[0] for t in gguf.GGUFReader(tmp_path / "imatrix.gguf").tensors}
+    assert names == {f"blk.{b}.{k}.weight" for b in range(2)
+                     for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    (res,) = quantize(converted(tiny_qwen3_dir, "f16").files[0], ["IQ2_XS"], tmp_path,
+                      QuantizeOptions(imatrix=tmp_path / "imatrix.gguf"))
+    assert np.isfinite(llama_logits(res.files[0], _ids(tiny_qwen3_dir))).all()
