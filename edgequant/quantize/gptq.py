@@ -421,9 +421,24 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
             layers = run.backend.quantize(run.ckpt.path, spec, run.windows, part, on_layer)
         if not any(part.glob("*.safetensors")):
             raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
+        _check_layers_exist(part, run.ckpt)
         readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name)
         _finish_folder(part, run.ckpt, readme)
     return _result(run, spec, final, layers, time.perf_counter() - t0)
+
+
+def _check_layers_exist(part: Path, ckpt: Checkpoint) -> None:
+    """Every quantized layer the backend wrote is a Linear of the source checkpoint. A layer the source
+    does not have (GPTQModel splits a fused ``gate_up_proj`` into ``gate_proj``/``up_proj``) would be left
+    out by transformers at load time and the source's own weight initialised at random, silently; refuse
+    instead. Expert layers are exempt: ``edgequant.gptq_load`` reads per-expert layers of fused sources."""
+    written = {n.removesuffix(".qweight") for n in open_checkpoint(part).tensors if n.endswith(".qweight")}
+    unknown = sorted(n for n in written if f"{n}.weight" not in ckpt.tensors and ".experts." not in n)
+    if unknown:
+        raise EdgequantError(
+            f"GPTQ wrote {len(unknown)} quantized layers that {ckpt.hf_architecture} does not have (e.g. {unknown[0]}; "
+            f"the source fuses them), so transformers would load this checkpoint with random weights: nothing was "
+            f"written. edgequant gptq cannot quantize {ckpt.hf_architecture} yet; use its GGUF files")
 
 
 def _result(run: _Run, spec: GPTQSpec, final: Path, layers: list[LayerError], seconds: float) -> GPTQResult:
