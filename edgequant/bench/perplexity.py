@@ -8,8 +8,9 @@ PPL = exp(mean NLL), error = sqrt(var(NLL) / (count - 1)) * PPL, as the tool pri
 ``Final estimate: PPL = 11.6116 +/- 0.30324``.
 
 llama-perplexity runs with flash attention (``-fa auto`` is on for CPU); so do we by default,
-since it changes the fourth decimal. Packing several chunks into one batch (the tool's n_seq)
-does not change the result, so we evaluate one chunk at a time.
+since it changes the fourth decimal. Like the tool, several chunks go into one decode (its
+``n_seq = n_batch / n_ctx`` with ``n_batch`` 2048, each chunk its own sequence) and logits are
+computed only for the scored half of each chunk.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.bench.backends import LlamaCppBackend
+from edgequant.bench.backends import LlamaCppBackend, chunks_per_decode, gguf_header
 from edgequant.bench.quality import QualityAccumulator, nll_of_next_tokens  # noqa: F401 (re-exported)
 from edgequant.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
-from edgequant.gguf_info import inspect_gguf
 
 
 @dataclass
@@ -57,18 +57,21 @@ def gguf_perplexity(
     flash_attn: bool = True,
 ) -> PerplexityResult:
     """Perplexity of a GGUF through llama.cpp, the number llama-perplexity prints for the same inputs."""
-    inspect_gguf(model)  # one clear line for a missing or broken file
+    gguf_header(model)  # one clear line for a missing or broken file
     corpus = text if isinstance(text, Text) else load_text(text)
     if ctx < 16 or ctx % 2:
         raise EdgequantError(f"--ctx {ctx}: use an even context of at least 16 tokens (512 is llama-perplexity's usual)")
     t0 = time.perf_counter()
-    backend = LlamaCppBackend(model, threads=threads, ctx=ctx, flash_attn=flash_attn)
+    n_seq = chunks_per_decode(ctx, chunks)
+    backend = LlamaCppBackend(model, threads=threads, ctx=ctx, flash_attn=flash_attn, n_seq=n_seq)
     try:
         batches = chunk_ids(backend.tokenize(corpus.text), ctx, chunks, backend.info.bos_id, minimum=2)
         acc = QualityAccumulator(with_kld=False)
         first = ctx // 2
-        for chunk in batches:
-            acc.add(backend.logits(chunk, first), np.asarray(chunk[first + 1:]))
+        for i in range(0, len(batches), n_seq):
+            group = batches[i:i + n_seq]
+            for chunk, logits in zip(group, backend.logits_of(group, first)):
+                acc.add(logits, np.asarray(chunk[first + 1:]))
     finally:
         backend.close()
     ppl, err = acc.ppl()

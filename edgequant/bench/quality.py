@@ -21,19 +21,31 @@ import numpy as np
 CUTOFF = 16.0  # llama.cpp drops reference log-probs below max - 16
 
 
+BLOCK = 16  # rows per vectorised pass: each pass's temporaries (16 x n_vocab floats) stay in the CPU cache
+
+
+def _blocks(n: int):
+    return (slice(s, min(s + BLOCK, n)) for s in range(0, n, BLOCK))
+
+
+def _max_and_sum_exp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the index of the max, the max, and sum(double(expf(x - max))), as the tool computes them."""
+    imax = x.argmax(axis=1)
+    mx = x[np.arange(len(x)), imax]
+    sums = np.empty(len(x))
+    for b in _blocks(len(x)):
+        t = x[b] - mx[b, None]
+        np.exp(t, out=t)
+        sums[b] = t.sum(axis=1, dtype=np.float64)
+    return imax, mx, sums
+
+
 def nll_of_next_tokens(logits: np.ndarray, next_ids: list[int] | np.ndarray) -> np.ndarray:
-    """-log softmax(logits[i])[next_ids[i]] per row, in float64 (llama.cpp sums exp in double)."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
-    return lse - x[np.arange(len(next_ids)), next_ids]
-
-
-def _max_and_lse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row max and float32(log(sum(double(expf(x - max))))), as the tool computes them."""
-    mx = x.max(axis=1)
-    sum_exp = np.exp(x - mx[:, None]).sum(axis=1, dtype=np.float64)
-    return mx, np.log(sum_exp).astype(np.float32)
+    """-log softmax(logits[i])[next_ids[i]] per row in float64, as llama-perplexity's default mode
+    forms it: log(sum of float expf, in double) - (logit - max)."""
+    x = np.asarray(logits, dtype=np.float32)
+    _, mx, sums = _max_and_sum_exp(x)
+    return np.log(sums) - (x[np.arange(len(x)), next_ids] - mx).astype(np.float64)
 
 
 @dataclass
@@ -46,19 +58,25 @@ class CompressedReference:
 
     @classmethod
     def from_logits(cls, logits: np.ndarray) -> "CompressedReference":
-        x = np.ascontiguousarray(logits, dtype=np.float32)
-        mx, lse = _max_and_lse(x)
+        x = np.asarray(logits, dtype=np.float32)
+        _, mx, sums = _max_and_sum_exp(x)
+        lse = np.log(sums).astype(np.float32)
         mn = np.maximum(x.min(axis=1), mx - np.float32(CUTOFF))
         min_log_prob = (mn - mx) - lse
         scale = (mx - mn) / np.float32(65535.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
-            q = np.rint(inv[:, None] * (x - mn[:, None]))
-        q = np.where(x > mn[:, None], q, 0).astype(np.uint16)
+        q = np.empty(x.shape, dtype=np.uint16)
+        for b in _blocks(len(x)):
+            t = x[b] - mn[b, None]
+            t *= inv[b, None]
+            np.rint(t, out=t)
+            t[x[b] <= mn[b, None]] = 0
+            q[b] = t
         return cls(scale.astype(np.float32), min_log_prob.astype(np.float32), q)
 
-    def log_probs(self) -> np.ndarray:
-        return self.scale[:, None] * self.q.astype(np.float32) + self.min_log_prob[:, None]
+    def log_probs(self, rows: slice = slice(None)) -> np.ndarray:
+        return self.scale[rows, None] * self.q[rows].astype(np.float32) + self.min_log_prob[rows, None]
 
 
 def _mean_and_uncertainty(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -113,19 +131,22 @@ class QualityAccumulator:
         self.count += len(nll)
         self.running_ppl.append(math.exp(self.nll_sum / self.count))
         if self.with_kld and ref is not None:
-            self._add_kld(np.ascontiguousarray(logits, dtype=np.float32), next_ids, ref)
+            self._add_kld(np.asarray(logits, dtype=np.float32), next_ids, ref)
 
     def _add_kld(self, x: np.ndarray, next_ids: np.ndarray, ref: CompressedReference) -> None:
         rows = np.arange(len(next_ids))
-        mx, lse = _max_and_lse(x)
-        imax = x.argmax(axis=1)
+        imax, mx, sums = _max_and_sum_exp(x)
+        lse = np.log(sums).astype(np.float32)
         nll = (mx + lse) - x[rows, next_ids]  # float32, as the tool's `const float nll`
-        base_lp = ref.log_probs()
-        nll_base = -base_lp[rows, next_ids]
+        nll_base = -(ref.scale * ref.q[rows, next_ids].astype(np.float32) + ref.min_log_prob)
         m = mx + lse
-        keep = base_lp > np.float32(-CUTOFF)
-        term = np.exp(base_lp) * (base_lp - x + m[:, None])
-        kld = np.where(keep, term, np.float32(0)).sum(axis=1, dtype=np.float64)
+        kld = np.empty(len(rows))
+        same_top = 0
+        for b in _blocks(len(rows)):
+            base_lp = ref.log_probs(b)
+            same_top += int((imax[b] == base_lp.argmax(axis=1)).sum())
+            term = np.exp(base_lp) * (base_lp - x[b] + m[b, None])
+            kld[b] = np.where(base_lp > np.float32(-CUTOFF), term, np.float32(0)).sum(axis=1, dtype=np.float64)
         p_diff = np.exp(-nll) - np.exp(-nll_base)
         # the tool forms these products in float (float * float) and adds them to double sums
         f64 = np.float64
@@ -140,7 +161,7 @@ class QualityAccumulator:
         self.k_pd += float(p_diff.astype(f64).sum())
         self.k_pd2 += float(pd2.sum())
         self.k_pd4 += float((pd2 * pd2).sum())
-        self.n_same_top += int((imax == base_lp.argmax(axis=1)).sum())
+        self.n_same_top += same_top
         self.kld_values.append(kld.astype(np.float32))
         self.p_diff_values.append(p_diff.astype(np.float32))
 

@@ -5,9 +5,10 @@ The flow:
 2. Quality (unless ``speed_only``): the text is tokenized once with the reference's tokenizer (or
    the first model's when there is no reference); every model's own tokenizer must produce the
    same ids, else the run stops — rows are only comparable on the same tokens. All models are
-   loaded at once and the chunks are evaluated in turn: the reference's logits for a chunk become
-   llama-perplexity's compressed log-probs, each model is scored against them, and they are
-   dropped before the next chunk.
+   loaded at once and the chunks are evaluated as llama-perplexity evaluates them, several per
+   decode (its ``n_seq``), logits only for the scored halves: the reference's logits for a chunk
+   become llama-perplexity's compressed log-probs, each model is scored against them, and they are
+   dropped before the next decode.
 3. Speed (unless ``quality_only``): each model alone, on each requested device, like llama-bench.
 
 Quality runs on the CPU when it is among the devices (else on CUDA); speed on every device. A device
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.bench.backends import cuda_absent_reason, model_kind, open_backend
+from edgequant.bench.backends import chunks_per_decode, cuda_absent_reason, gguf_header, model_kind, open_backend
 from edgequant.bench.options import BenchOptions  # noqa: F401 (re-exported)
 from edgequant.devices import default_threads, parse_devices
 from edgequant.env import host_info, versions
@@ -87,9 +88,7 @@ def describe_model(path: str | Path, kind: str) -> ModelRow:
     """Size, type and bits/weight of a GGUF or an HF/GPTQ folder, from headers only."""
     p = Path(path)
     if kind == "gguf":
-        from edgequant.gguf_info import inspect_gguf
-
-        info = inspect_gguf(p)
+        info = gguf_header(p)
         return ModelRow(str(p), p.name, kind, info.file_type, info.size_bytes, info.bits_per_weight, info.n_params)
     from edgequant.checkpoint import open_checkpoint
 
@@ -236,14 +235,18 @@ def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: Be
     first_row = ref_row or rows[0]
     order = [first_row] + [r for r in rows if r is not first_row]
     backends = {}
+    n_seq = chunks_per_decode(o.ctx, o.chunks)
     try:
         with progress_count("loading models", len(order)) as bar:
             for r in order:
                 bar.describe(f"loading {r.name}")
-                backends[r.model] = open_backend(r.model, device=device, threads=threads, ctx=o.ctx, flash_attn=o.flash_attn)
+                backends[r.model] = open_backend(r.model, device=device, threads=threads, ctx=o.ctx,
+                                                 flash_attn=o.flash_attn, n_seq=n_seq, kind=r.kind)
                 bar.advance(1)
         batches = _same_tokens(order, backends, corpus, o)
-        accs, seconds = _score(order, backends, batches, ref_row, o.ctx // 2)
+        # a lone file picked as its own reference gets PPL only (llama-perplexity's default mode)
+        kld_ref = ref_row if len(order) > 1 or o.reference is not None else None
+        accs, seconds = _score(order, backends, batches, kld_ref, o.ctx // 2, n_seq)
     finally:
         for b in backends.values():
             b.close()
@@ -280,21 +283,23 @@ def _same_tokens(order: list[ModelRow], backends: dict, corpus: Text, o: BenchOp
 
 
 def _score(order: list[ModelRow], backends: dict, batches: list[list[int]], ref_row: ModelRow | None,
-           first: int) -> tuple[dict[str, QualityAccumulator], dict[str, float]]:
-    """Every chunk through every model: the reference's logits become llama-perplexity's compressed
-    log-probs, each model is scored against them; the accumulators and seconds per model."""
+           first: int, n_seq: int) -> tuple[dict[str, QualityAccumulator], dict[str, float]]:
+    """Every chunk through every model, ``n_seq`` chunks per decode as llama-perplexity packs them:
+    the reference's logits become the tool's compressed log-probs, each model is scored against
+    them; the accumulators and seconds per model."""
     accs = {r.model: QualityAccumulator(with_kld=ref_row is not None) for r in order}
     seconds = {r.model: 0.0 for r in order}
     with progress_count("perplexity/KLD chunks", len(batches)) as bar:
-        for chunk in batches:
-            nxt = np.asarray(chunk[first + 1:], dtype=np.int64)
-            ref = None
+        for i in range(0, len(batches), n_seq):
+            group = batches[i:i + n_seq]
+            nxt = [np.asarray(chunk[first + 1:], dtype=np.int64) for chunk in group]
+            refs: list[CompressedReference | None] = [None] * len(group)
             for r in order:
                 t = time.perf_counter()
-                logits = backends[r.model].logits(chunk, first)
-                if r is ref_row:
-                    ref = CompressedReference.from_logits(logits)
-                accs[r.model].add(logits, nxt, ref)
+                for k, logits in enumerate(backends[r.model].logits_of(group, first)):
+                    if r is ref_row:
+                        refs[k] = CompressedReference.from_logits(logits)
+                    accs[r.model].add(logits, nxt[k], refs[k])
                 seconds[r.model] += time.perf_counter() - t
-            bar.advance(1)
+            bar.advance(len(group))
     return accs, seconds

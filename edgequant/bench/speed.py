@@ -156,7 +156,7 @@ class _LlamaBenchTests:
 
         r = self.result
         return LlamaCppBackend(self.path, device=r.device, threads=r.threads, ctx=n_ctx, flash_attn=self.flash_attn,
-                               logits_all=False, n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+                               n_batch=self.n_batch, n_ubatch=self.n_ubatch)
 
     def decode(self, b, tokens: list[int]) -> None:
         """One ``llama_decode`` of ``tokens`` as one batch."""
