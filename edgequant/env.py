@@ -20,6 +20,27 @@ from edgequant.devices import default_threads
 LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098"}
 
 
+def first_gpu() -> str | None:
+    """The first NVIDIA GPU's name: from torch when a run has imported it already, else from the driver's
+    /proc files (importing torch only for a name costs a GGUF-only bench about a second)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - a broken CUDA setup is "no GPU" here
+            return None
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            continue
+    return None
+
+
 def host_info() -> dict:
     """CPU model, core counts, first GPU, OS, Python and llama.cpp's weight-buffer policy."""
     cpu = platform.processor() or platform.machine()
@@ -30,14 +51,7 @@ def host_info() -> dict:
                 break
     except OSError:
         pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        gpu = None
+    gpu = first_gpu()
     from edgequant.llamacpp import repack_policy
 
     return {"cpu": cpu, "cores": os.cpu_count(), "physical_cores": default_threads(), "gpu": gpu,

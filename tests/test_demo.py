@@ -27,8 +27,7 @@ def demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_makes_a_whole_release(demo):
-    data, seconds = demo
-    assert seconds < 600  # the budget on 2 cores
+    data, _ = demo  # its time is reported, not asserted: benchmarks, not tests, hold speed goals
     rel = data["release"]
     assert rel["status"] == "ok" and all(g["passed"] for g in rel["gates"])
     folder = Path(rel["folder"])
