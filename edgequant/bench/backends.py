@@ -90,10 +90,14 @@ class Loaded:
 TOOL_BATCH = 2048  # llama-perplexity's default -b: it packs n_batch // ctx chunks into one decode
 
 
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: a context holds at most this many sequences
+
+
 def chunks_per_decode(ctx: int, n_chunks: int | None = None) -> int:
-    """llama-perplexity's n_seq (``max(1, n_batch / n_ctx)``), no more than the chunks there are."""
-    n_seq = max(1, TOOL_BATCH // ctx)
-    return min(n_seq, n_chunks) if n_chunks else n_seq
+    """llama-perplexity's n_seq (``max(1, n_batch / n_ctx)``), no more than the chunks there are and than
+    llama.cpp's sequence limit; at least 1 (a bad ``--ctx``/``--chunks`` is reported by the chunking)."""
+    n_seq = min(max(1, TOOL_BATCH // max(ctx, 1)), MAX_SEQUENCES)
+    return max(1, min(n_seq, n_chunks)) if n_chunks else n_seq
 
 
 @contextlib.contextmanager
