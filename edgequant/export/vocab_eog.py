@@ -8,9 +8,9 @@ a list of stop ids, while transformers stops at every id of ``generation_config.
 
 - ``eos`` stays the tokenizer's EOS token (what the chat template calls ``eos_token``);
 - ``eot`` is the chat template's end-of-turn token: the special token the template writes right after
-  an assistant message (``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``, ``<|eot_id|>``), unless it is EOS;
-  llama.cpp's own converter leaves it to the token-text guess, which picks any one of ``<|im_end|>`` and
-  ``<|endoftext|>`` in a Qwen vocabulary;
+  an assistant message (``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``, ``<|eot_id|>``, Mistral's ``</s>``),
+  even where it is EOS; llama.cpp's own converter mostly leaves it to llama.cpp's token-text guess, which
+  takes whichever of ``<|im_end|>`` and ``<|endoftext|>`` its hash map yields first in a Qwen vocabulary;
 - an id of ``generation_config.json`` that none of these covers takes the free ``eot`` or ``eom`` key
   (``eom`` means nothing else to llama.cpp than "also end of generation"); one that still cannot be
   made EOG is reported in a note.
@@ -79,7 +79,7 @@ def resolve_end_of_generation(ckpt: Checkpoint, tokens: list[str], types: list[i
     bos = tokens[special_ids["bos"]] if "bos" in special_ids else ""
     eos = tokens[special_ids["eos"]] if "eos" in special_ids else ""
     eot = template_end_of_turn(template, tokens, special, bos=bos, eos=eos)
-    if eot is not None and eot != special_ids.get("eos"):
+    if eot is not None:
         special_ids["eot"] = eot
     notes = []
     wanted = generation_eos_ids(ckpt)
