@@ -103,3 +103,29 @@ def test_every_generation_config_stop_id_is_end_of_generation(name, eot_model):
         assert llama_cpp.llama_vocab_eot(vocab) == eot
     if name == "phi3":
         assert any("<|assistant|>" in n and "eom_token_id" in n for n in res.notes), res.notes
+
+
+def test_stop_ids_llamacpp_cannot_hold_are_reported(tmp_path):
+    """Four stop ids beyond llama.cpp's known texts: two take the free keys, the rest are named in notes."""
+    import json
+    import shutil
+
+    from edgequant.checkpoint import open_checkpoint
+    from edgequant.export.template import find_templates
+    from edgequant.export.vocab import build_vocab
+
+    folder = tmp_path / "phi3"
+    shutil.copytree(fixtures_tokjson.tokjson_variant(fixtures_phi.tiny_phi3()), folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    tok = hf_tokenizer(str(folder))
+    extra = [tok.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|user|>", "<|system|>")]
+    gen["eos_token_id"] = [*gen["eos_token_id"], *extra, 99999]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    ckpt = open_checkpoint(folder)
+    vocab = build_vocab(ckpt)
+    vocab.resolve_end_of_generation(ckpt, find_templates(ckpt).default)
+    assert vocab.special_ids["eot"] == tok.convert_tokens_to_ids("<|end|>")  # the template's end of turn
+    assert vocab.special_ids["eom"] == extra[0]
+    notes = " ".join(vocab.notes)
+    assert "'<|user|>'" in notes and "'<|system|>'" in notes and "llama.cpp will not stop there" in notes
+    assert "99999" in notes and "does not have" in notes

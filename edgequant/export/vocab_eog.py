@@ -53,7 +53,7 @@ def template_end_of_turn(template: str | None, tokens: list[str], special: set[i
     at = text.find(_MARK)
     if at < 0:
         return None
-    rest = text[at + len(_MARK):]
+    rest = text[at + len(_MARK):].lstrip()  # Llama 2: "{{ ' ' + content + ' ' + eos_token }}"
     found = [i for i in special if tokens[i] and rest.startswith(tokens[i])]
     return max(found, key=lambda i: len(tokens[i])) if found else None
 
