@@ -363,18 +363,18 @@ def test_existing_outputs_are_found_before_any_work(tiny_llama_dir, tmp_path):
 
 
 def test_sentencepiece_tokenizer_json_is_not_written_as_byte_level_bpe(tiny_mistral_dir, tmp_path):
-    """A Mistral-style folder without tokenizer.model: its tokenizer.json is SentencePiece-style BPE.
-    Following the old advice (--pre-tokenizer) wrote it as GPT-2 BPE with ids that differ from HF's."""
+    """A Mistral-style folder without tokenizer.model: its tokenizer.json is SentencePiece-style BPE, written as
+    llama.cpp's SentencePiece vocabulary (tests/test_tokenizer_json.py checks it); --pre-tokenizer, which once
+    turned it into GPT-2 BPE with ids that differ from HF's, is ignored with a note."""
     import shutil
 
     src = tmp_path / "no-spm"
     shutil.copytree(tiny_mistral_dir, src)
     (src / "tokenizer.model").unlink()
-    for extra in ([], ["--pre-tokenizer", "llama-bpe"]):
-        r = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), *extra])
-        msg = " ".join(r.stderr.split())
-        assert r.exit_code == 2 and "SentencePiece-style BPE" in msg and "copy tokenizer.model" in msg, r.output
-        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    r = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "--pre-tokenizer", "llama-bpe", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["tokenizer"] == "llama" and any("--pre-tokenizer llama-bpe ignored" in n for n in res["notes"])
 
 
 def test_pickle_checkpoint_refused_without_torchs_advice(tiny_llama_dir, tmp_path):

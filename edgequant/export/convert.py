@@ -132,6 +132,7 @@ def _read_source(source, outtype: str, chat_template, template_bos: str, pre_tok
     templates = find_templates(ckpt, Path(chat_template) if chat_template else None)
     check_templates(templates, bos_token=vocab.token_text("bos"), eos_token=vocab.token_text("eos"),
                     add_bos=vocab.add_bos, template_bos=template_bos)
+    vocab.resolve_end_of_generation(ckpt, templates.default)
     plan = arch.plan()
     _check_vocab_rows(plan, len(vocab.tokens), ckpt.config.get("vocab_size"))
     return _Source(ckpt, arch, ftype, vocab, templates, choose_types(plan, ftype), ckpt.fingerprint())

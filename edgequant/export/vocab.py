@@ -1,4 +1,5 @@
-"""Tokenizer -> GGUF vocabulary: SentencePiece (``tokenizer.model``) or byte-level BPE (``tokenizer.json``).
+"""Tokenizer -> GGUF vocabulary: SentencePiece (``tokenizer.model``, or a SentencePiece-style ``tokenizer.json``
+alone: see vocab_spm_json) or byte-level BPE (``tokenizer.json``).
 
 Token texts, scores and types follow llama.cpp's converter rules (added special tokens are
 CONTROL, other added tokens USER_DEFINED, ids the vocabulary does not fill are ``[PADn]``
@@ -16,10 +17,12 @@ import gguf
 from edgequant.checkpoint import Checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.export import pretokenizer
+from edgequant.export import vocab_eog
+from edgequant.export import vocab_spm_json as spm_json
 
 TT = gguf.TokenType
 SPIECE_UNDERLINE = "\u2581"
-SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
+SPECIAL_ROLES = ("bos", "eos", "unk", "pad")  # from the tokenizer; eot / eom: vocab_eog
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Vocab:
         i = self.special_ids.get(role)
         return self.tokens[i] if i is not None else None
 
+    def resolve_end_of_generation(self, ckpt: Checkpoint, template: str | None) -> None:
+        """eot / eom ids so that llama.cpp stops at every id generation_config.json stops at (see vocab_eog)."""
+        self.notes += vocab_eog.resolve_end_of_generation(ckpt, self.tokens, self.types, self.special_ids, template)
+
     def write(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
         w.add_tokenizer_pre(self.pre)
@@ -50,7 +57,8 @@ class Vocab:
         w.add_token_types(self.types)
         if self.merges:
             w.add_token_merges(self.merges)
-        adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id, "pad": w.add_pad_token_id}
+        adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id, "pad": w.add_pad_token_id,
+                  "eot": w.add_eot_token_id, "eom": w.add_eom_token_id}
         for role, tid in self.special_ids.items():
             adders[role](tid)
         w.add_add_bos_token(self.add_bos)
@@ -61,14 +69,19 @@ class Vocab:
 
 def build_vocab(ckpt: Checkpoint, pre_override: str | None = None) -> Vocab:
     tok_cfg = ckpt.read_json("tokenizer_config.json") or {}
+    tj = ckpt.read_json("tokenizer.json") if ckpt.file("tokenizer.json") is not None else None
     if ckpt.file("tokenizer.model") is not None:
         vocab = _sentencepiece(ckpt, tok_cfg)
-    elif ckpt.file("tokenizer.json") is not None:
+    elif tj is not None and spm_json.is_spm_style(tj):
+        vocab = _sentencepiece_from_json(ckpt, tok_cfg, tj)
+    elif tj is not None:
         vocab = _bpe(ckpt, tok_cfg, pre_override)
     else:
         raise EdgequantError(
-            f"no tokenizer in {ckpt.path}: expected tokenizer.model (SentencePiece) or tokenizer.json (BPE); copy the tokenizer files next to config.json"
+            f"no tokenizer in {ckpt.path}: expected tokenizer.model (SentencePiece) or tokenizer.json; copy the tokenizer files next to config.json"
         )
+    if pre_override and vocab.model == "llama":
+        vocab.notes.append(f"--pre-tokenizer {pre_override} ignored: it names a byte-level BPE split, and this vocabulary is SentencePiece")
     _resolve_specials(ckpt, tok_cfg, vocab)
     _resolve_add_bos_eos(ckpt, tok_cfg, vocab)
     return vocab
@@ -91,27 +104,47 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
         raise EdgequantError(f"{path} is not a SentencePiece model ({e}); re-download it") from None
     if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE: llama.cpp's "llama" vocab handles both scores
         raise EdgequantError(f"{path}: SentencePiece model type {proto.trainer_spec.model_type} is not supported by llama.cpp's SPM tokenizer")
-    n_sp = proc.vocab_size()
-    n_vocab = int(_vocab_rows(ckpt) or tokenizer_size(ckpt, n_sp, tok_cfg))
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    scores = [-10000.0] * n_vocab
-    types = [int(TT.UNUSED)] * n_vocab
-    for i in range(min(n_sp, n_vocab)):
-        tokens[i] = proc.IdToPiece(i)
-        scores[i] = proc.GetScore(i)
+    pieces, scores, types = [], [], []
+    for i in range(proc.vocab_size()):
+        pieces.append(proc.IdToPiece(i))
+        scores.append(proc.GetScore(i))
         if proc.IsUnknown(i):
-            types[i] = TT.UNKNOWN
+            types.append(int(TT.UNKNOWN))
         elif proc.IsControl(i):
-            types[i] = TT.CONTROL
+            types.append(int(TT.CONTROL))
         elif proc.IsUnused(i):
-            types[i] = TT.UNUSED
+            types.append(int(TT.UNUSED))
         elif proc.IsByte(i):
-            types[i] = TT.BYTE
+            types.append(int(TT.BYTE))
         else:
-            types[i] = TT.NORMAL
+            types.append(int(TT.NORMAL))
+    return _spm_vocab(ckpt, tok_cfg, (pieces, scores, types), bool(proto.normalizer_spec.add_dummy_prefix), "tokenizer.model")
+
+
+def _sentencepiece_from_json(ckpt: Checkpoint, tok_cfg: dict[str, Any], tj: dict) -> Vocab:
+    """The same SentencePiece vocabulary from tokenizer.json alone (how transformers 5 saves Llama 2 / Mistral /
+    Gemma / Phi-3 tokenizers): see vocab_spm_json."""
+    smap = ckpt.read_json("special_tokens_map.json") or {}
+    specials = {r: _token_content(tok_cfg.get(f"{r}_token")) or _token_content(smap.get(f"{r}_token")) for r in SPECIAL_ROLES}
+    pieces = spm_json.spm_pieces(tj, specials, str(ckpt.file("tokenizer.json")))
+    vocab = _spm_vocab(ckpt, tok_cfg, pieces, spm_json.space_prefix(tj), "tokenizer.json")
+    vocab.notes.append("SentencePiece vocabulary built from tokenizer.json (the folder has no tokenizer.model, as transformers 5 saves it)")
+    return vocab
+
+
+def _spm_vocab(ckpt: Checkpoint, tok_cfg: dict[str, Any], pieces: tuple[list[str], list[float], list[int]],
+               dummy_prefix: bool, source: str) -> Vocab:
+    """The "llama" vocabulary from SentencePiece pieces: padded to the model's rows, added tokens laid over."""
+    texts, piece_scores, piece_types = pieces
+    n_sp = len(texts)
+    n_vocab = int(_vocab_rows(ckpt) or tokenizer_size(ckpt, n_sp, tok_cfg))
+    n = min(n_sp, n_vocab)
+    tokens = texts[:n] + [f"[PAD{i}]" for i in range(n, n_vocab)]
+    scores = piece_scores[:n] + [-10000.0] * (n_vocab - n)
+    types = piece_types[:n] + [int(TT.UNUSED)] * (n_vocab - n)
     vocab = Vocab(model="llama", pre="default", tokens=tokens, types=types, scores=scores)
     if n_sp > n_vocab:
-        vocab.notes.append(f"tokenizer.model has {n_sp} pieces but config vocab_size is {n_vocab}: pieces from {n_vocab} on are dropped")
+        vocab.notes.append(f"{source} has {n_sp} pieces but config vocab_size is {n_vocab}: pieces from {n_vocab} on are dropped")
 
     added = ckpt.read_json("added_tokens.json") or {}
     for text, tid in added.items():
@@ -120,7 +153,7 @@ def _sentencepiece(ckpt: Checkpoint, tok_cfg: dict[str, Any]) -> Vocab:
         _set_added(vocab, int(tid), info["content"], special=bool(info.get("special")))
     _overlay_tokenizer_json_added(ckpt, vocab)
 
-    vocab.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+    vocab.add_space_prefix = dummy_prefix
     if tok_cfg.get("add_prefix_space") is not None:
         vocab.add_space_prefix = bool(tok_cfg["add_prefix_space"])
     _check_spm_space_prefix(ckpt, vocab)
@@ -197,14 +230,8 @@ def _bpe(ckpt: Checkpoint, tok_cfg: dict[str, Any], pre_override: str | None) ->
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise EdgequantError(
-            f"tokenizer.json holds a {model.get('type')} model; edgequant converts SentencePiece (tokenizer.model) and byte-level BPE vocabularies"
-        )
-    if not _byte_level(tj):
-        marks = "▁ word markers" + (", byte fallback" if model.get("byte_fallback") else "")
-        raise EdgequantError(
-            f"tokenizer.json holds a SentencePiece-style BPE ({marks}), not a byte-level one, and the folder has no "
-            f"tokenizer.model, which llama.cpp's SentencePiece vocabulary is built from; copy tokenizer.model from the "
-            f"base model into {ckpt.path} (--pre-tokenizer cannot help: it is for byte-level BPE)"
+            f"tokenizer.json holds a {model.get('type')} model; edgequant converts SentencePiece (tokenizer.model, or a "
+            f"SentencePiece-style BPE or Unigram tokenizer.json) and byte-level BPE vocabularies"
         )
     pre = pretokenizer.validate(pre_override) if pre_override else pretokenizer.identify(tj, tok_cfg)
     entries: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
@@ -233,27 +260,6 @@ def _bpe(ckpt: Checkpoint, tok_cfg: dict[str, Any], pre_override: str | None) ->
     if pre_override:
         vocab.notes.append(f"pre-tokenizer set by --pre-tokenizer to {pre!r} (not checked against tokenizer.json)")
     return vocab
-
-
-def _components(node: Any) -> list[dict]:
-    """Every component of a tokenizer.json pipeline part (Sequence nodes flattened)."""
-    if not isinstance(node, dict):
-        return []
-    inner = node.get("pretokenizers") or node.get("decoders") or node.get("normalizers")
-    return [c for x in inner for c in _components(x)] if isinstance(inner, list) else [node]
-
-
-def _byte_level(tj: dict) -> bool:
-    """Byte-level BPE (GPT-2 style: bytes mapped to printable characters) rather than SentencePiece-style
-    BPE (``▁`` for spaces, byte fallback), read from the pre-tokenizer and decoder themselves."""
-    parts = _components(tj.get("pre_tokenizer")) + _components(tj.get("decoder"))
-    kinds = {c.get("type") for c in parts}
-    if "ByteLevel" in kinds:
-        return True
-    spm = {"Metaspace", "ByteFallback"} & kinds or (tj.get("model") or {}).get("byte_fallback")
-    spm = spm or any(c.get("type") == "Prepend" and c.get("prepend") == SPIECE_UNDERLINE
-                     for c in _components(tj.get("normalizer")))
-    return not spm
 
 
 # -- special tokens and BOS/EOS --------------------------------------------------------------
