@@ -148,14 +148,13 @@ def test_template_renders_like_hf(fixture, request, phi_gguf):
 
 @pytest.mark.parametrize("fixture", PHI)
 def test_end_of_turn_is_end_of_generation(fixture, request, phi_gguf):
-    """llama.cpp stops at generation_config.json's end-of-turn and end-of-text ids (``<|end|>``, ``<|endoftext|>``).
-
-    Phi-3's generation_config also lists ``<|assistant|>``; llama.cpp has no key for extra EOG ids and does not
-    stop there (nor does a file from its own converter): the model ends its turn with ``<|end|>`` first."""
+    """llama.cpp stops at every id generation_config.json lists: ``<|end|>``, ``<|endoftext|>`` and
+    ``<|assistant|>`` (the last one through the otherwise free ``eom`` key; llama.cpp's own converter
+    leaves it out)."""
     src = request.getfixturevalue(fixture)
+    stops = list(hf_model(str(src)).generation_config.eos_token_id)
     tok = hf_tokenizer(str(src))
-    stops = [tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
-    assert set(stops) <= set(hf_model(str(src)).generation_config.eos_token_id)
+    assert {tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")} <= set(stops)
     with llama(phi_gguf(src), n_ctx=64) as llm:
         vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
         assert all(llama_cpp.llama_vocab_is_eog(vocab, i) for i in stops)
