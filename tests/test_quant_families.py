@@ -1,0 +1,121 @@
+"""The quantizers on the dense families of issue 13 (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal
+class, Phi-3): a GPTQ checkpoint that transformers reloads and whose kernel computes what our own
+unpacking says, and an imatrix whose entries are exactly the converted GGUF's block matrices, which
+llama.cpp's quantizer finds, and a Q4_K_M made with it that llama.cpp runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures_gemma
+import fixtures_phi
+import fixtures_qwen
+from edgequant.checkpoint import open_checkpoint
+from edgequant.export.archs.base import quant_layout
+from edgequant.export.convert import convert
+from edgequant.gguf_info import inspect_gguf
+from edgequant.gptq_load import load_gptq_model
+from edgequant.llamacpp_tools import run_tool
+from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
+from edgequant.quantize.gptq import GPTQOptions, gptq
+from edgequant.quantize.imatrix import compute_imatrix
+from edgequant.quantize.imatrix_file import read_imatrix
+from edgequant.text import builtin_text
+from gptq_check import ERROR_BOUND, check_gptq_folder, dequantized_weights, replace_weights, rtn_model_
+from llama_helpers import hf_logits, hf_tokenizer, llama_logits
+
+FAMILIES = {
+    "qwen2": fixtures_qwen.tiny_qwen2,
+    "qwen3": fixtures_qwen.tiny_qwen3,
+    "gemma2": fixtures_gemma.tiny_gemma2,
+    "gemma3": fixtures_gemma.tiny_gemma3,
+    "gemma3_vlm": fixtures_gemma.tiny_gemma3_vlm,
+    "phi3": fixtures_phi.tiny_phi3,
+}
+TINY = GPTQOptions(samples=16, seq_len=128)
+
+
+def _ids(src: Path, n: int = 128) -> list[int]:
+    return hf_tokenizer(str(src))(builtin_text()[60_000:70_000]).input_ids[:n]
+
+
+def _plain(src: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptq_reloads_in_transformers(family, tmp_path):
+    src = FAMILIES[family]()
+    ckpt = open_checkpoint(src)
+    (r,) = gptq(src, [4], tmp_path, TINY)
+    folder = Path(r.folder)
+
+    check = check_gptq_folder(folder, src)  # our unpacking, against the source's matrices
+    assert not check.problems, check.problems
+    assert check.max_rel_error <= ERROR_BOUND[4], check.max_rel_error
+    expected = quant_layout(ckpt.hf_architecture).quantized_inputs({n: t.shape for n, t in ckpt.tensors.items()})
+    names = {m.name for m in check.modules}
+    assert len(names) == len(expected) == len(r.layers), (sorted(names), sorted(expected))  # every decoder matrix, once
+    if family == "phi3":  # fused as transformers' Phi3 has them, the loss rows too
+        assert {n.split(".", 3)[3] for n in names} == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+        assert {l.module for l in r.layers} == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+    assert not any("vision" in n for n in names)  # Gemma 3 multimodal: the language model only
+
+    model = load_gptq_model(folder)  # raises on any missing, unexpected or re-shaped key
+    assert type(model).__name__ == ckpt.hf_architecture
+    ids = _ids(src)
+    got = _logits(model, ids)
+    ours = _plain(src)
+    weights = dequantized_weights(folder)
+    assert replace_weights(ours, weights) == len(names)
+    ours_logits = _logits(ours, ids)
+    assert _cos(got, ours_logits) > 0.999  # the kernel computes what our unpacked weights say
+    ref = _logits(_plain(src), ids)
+    rtn = _plain(src)
+    rtn_model_(rtn, list(weights), 4, r.group_size, True)
+    cos_gptq, cos_rtn = _cos(ref, ours_logits), _cos(ref, _logits(rtn, ids))
+    print(f"{family}: cos(ref, gptq kernel) {_cos(ref, got):.5f}, unpacked {cos_gptq:.5f}, rtn {cos_rtn:.5f}")
+    assert cos_gptq >= cos_rtn - 1e-3, (cos_gptq, cos_rtn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imatrix_names_every_block_matrix_of_the_gguf(family, tmp_path, llama_tools):
+    src = FAMILIES[family]()
+    f16 = convert(src, tmp_path, outtype="f16").files[0]
+    im = tmp_path / "imatrix.gguf"
+    compute_imatrix(src, im, ctx=64, chunks=2)
+    entries = set(read_imatrix(im).entries)
+    matrices = {t.name for t in inspect_gguf(f16).tensors if t.name.startswith("blk.") and len(t.shape) >= 2}
+    assert entries == matrices, (sorted(entries ^ matrices))
+    if family == "phi3":
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= entries
+
+    # llama.cpp's own quantizer finds an entry for every block matrix (it says so for those it misses)
+    out = run_tool("llama-quantize", "--imatrix", str(im), str(f16), str(tmp_path / "tool-Q4_K_M.gguf"), "Q4_K_M", "2")
+    assert f"have importance matrix data with {len(entries)} entries" in out
+    assert not re.search(r"did not find weights for blk\.", out), out
+
+    (res,) = quantize(f16, ["Q4_K_M"], tmp_path / "q", QuantizeOptions(imatrix=im))
+    ids = _ids(src)
+    got = llama_logits(res.files[0], ids)
+    ref = hf_logits(src, ids)[:, :got.shape[1]]  # Gemma 3's padding rows are not in the GGUF
+    assert np.isfinite(got).all()
+    cos = _cos(torch.from_numpy(got), torch.from_numpy(ref))
+    print(f"{family}: Q4_K_M with the imatrix, cos(llama.cpp, transformers) {cos:.5f}")
+    assert cos > 0.95, cos
