@@ -32,7 +32,7 @@ from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs.base import QuantLayout, quant_layout
-from edgequant.gptq_load import quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
+from edgequant.gptq_load import EXPERT_LINEARS, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
@@ -42,6 +42,7 @@ from edgequant.text import Text, load_text
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZES = (128, 64, 32)  # the first one that divides every input dimension
 EXTRA_FILES = ("generation_config.json",)  # copied from the source beside the tokenizer files
+_EXPERT_NAME = dict(zip(("gate", "up", "down"), EXPERT_LINEARS))  # an expert's Linears in our GPTQ folders
 
 
 @dataclass(frozen=True)
@@ -429,15 +430,18 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
 
 def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout) -> None:
     """Every quantized layer the backend wrote is a matrix of the source checkpoint, of the same shape
-    (found through the architecture's layout: per-expert layers of fused experts sources included). A
-    layer the source does not have would be left out by transformers at load time and the source's own
-    weight initialised at random, silently; refuse instead."""
+    (found through the architecture's layout: per-expert layers of fused experts sources included), and
+    experts are named as ``edgequant.gptq_load`` loads them. A layer the source does not have would be
+    left out by transformers at load time and the source's own weight initialised at random, silently;
+    refuse instead."""
     shapes = {name: ref.shape for name, ref in ckpt.tensors.items()}
     unknown = []
     for name, (n_in, n_out) in _written_modules(part).items():
-        where = layout.find_weight(name, shapes)
+        where, site = layout.find_weight(name, shapes), layout.site(name)
         if where is None or where.shape(shapes) != (n_out, n_in):
             unknown.append(name)
+        elif site is not None and site.kind == "expert" and name.rsplit(".", 1)[1] != _EXPERT_NAME[site.role]:
+            unknown.append(name)  # edgequant.gptq_load builds experts with these names only
     if unknown:
         raise EdgequantError(
             f"GPTQ wrote {len(unknown)} quantized layers that {ckpt.hf_architecture} does not have (e.g. {sorted(unknown)[0]}), "

@@ -112,7 +112,7 @@ class ExpertLayout:
     """Where a block keeps its MoE experts and how their matrices are named."""
 
     containers: tuple[str, ...] = ("mlp",)  # the block submodule holding ``experts``; the first is transformers'
-    gate: tuple[str, ...] = ("gate_proj",)  # one expert's Linear names per role (the first: GPTQ folders' name)
+    gate: tuple[str, ...] = ("gate_proj",)  # one expert's Linear names per role, in checkpoints and modules
     up: tuple[str, ...] = ("up_proj",)
     down: tuple[str, ...] = ("down_proj",)
     gate_up_stack: str = "gate_up_proj"  # transformers 5's fused parameters: [E, 2 ff, hidden], gate rows first

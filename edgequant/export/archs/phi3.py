@@ -42,8 +42,10 @@ _LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers' Phi3Config maps su
 class Phi3(Architecture):
     gguf_arch = gguf.MODEL_ARCH.PHI3
     # transformers' Phi3 keeps both fused; GPTQModel quantizes the MLP as gate_proj and up_proj
-    quant_layout = QuantLayout(fused=(FusedLinear("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                                      FusedLinear("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))))
+    quant_layout = QuantLayout(fused=(
+        FusedLinear("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        FusedLinear("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ))
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
