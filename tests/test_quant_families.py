@@ -1,7 +1,8 @@
 """The quantizers on the dense families of issue 13 (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal
 class, Phi-3): a GPTQ checkpoint that transformers reloads and whose kernel computes what our own
-unpacking says, and an imatrix whose entries are exactly the converted GGUF's block matrices, which
-llama.cpp's quantizer finds, and a Q4_K_M made with it that llama.cpp runs."""
+unpacking says (Phi-3's split gate/up layers stacked back exactly), and an imatrix whose entries are
+exactly the converted GGUF's block matrices, which llama.cpp's quantizer finds, and a Q4_K_M made
+with it that llama.cpp runs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import fixtures_gemma
 import fixtures_phi
 import fixtures_qwen
 from edgequant.checkpoint import open_checkpoint
+from edgequant.errors import EdgequantError
 from edgequant.export.archs.base import quant_layout
 from edgequant.export.convert import convert
 from edgequant.gguf_info import inspect_gguf
@@ -23,10 +25,11 @@ from edgequant.gptq_load import load_gptq_model
 from edgequant.llamacpp_tools import run_tool
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
 from edgequant.quantize.gptq import GPTQOptions, gptq
+from edgequant.quantize.gptq_fuse import stack_gptq_modules
 from edgequant.quantize.imatrix import compute_imatrix
 from edgequant.quantize.imatrix_file import read_imatrix
 from edgequant.text import builtin_text
-from gptq_check import ERROR_BOUND, check_gptq_folder, dequantized_weights, replace_weights, rtn_model_
+from gptq_check import ERROR_BOUND, check_gptq_folder, dequantize, dequantized_weights, replace_weights, rtn_model_
 from llama_helpers import hf_logits, hf_tokenizer, llama_logits
 
 FAMILIES = {
@@ -122,3 +125,28 @@ def test_imatrix_names_every_block_matrix_of_the_gguf(family, tmp_path, llama_to
     cos = _cos(torch.from_numpy(got), torch.from_numpy(ref))
     print(f"{family}: Q4_K_M with the imatrix, cos(llama.cpp, transformers) {cos:.5f}")
     assert cos > 0.95, cos
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_stacked_parts_dequantize_to_the_stacked_matrices(bits):
+    """Fusing GPTQ parts (Phi-3's gate_proj + up_proj) is exact for every packing, 3 bits included,
+    and what cannot be fused is refused in one line."""
+    g = torch.Generator().manual_seed(bits)
+    n_in, group, rows = 64, 32, (32, 64)
+
+    def part(n_out: int, g_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        words = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int64).to(torch.int32)
+        return {"qweight": words(n_in * bits // 32, n_out), "qzeros": words(n_in // group, n_out * bits // 32),
+                "scales": torch.rand(n_in // group, n_out, generator=g).half(), "g_idx": g_idx}
+
+    g_idx = (torch.arange(n_in) // group).to(torch.int32)
+    pieces = [part(n, g_idx) for n in rows]
+    fused = stack_gptq_modules(pieces, bits, "mlp.gate_up_proj")
+    expect = torch.cat([dequantize(*(p[k] for k in ("qweight", "qzeros", "scales", "g_idx")), bits) for p in pieces])
+    assert torch.equal(dequantize(*(fused[k] for k in ("qweight", "qzeros", "scales", "g_idx")), bits), expect)
+
+    with pytest.raises(EdgequantError, match="different column orders.*without --desc-act"):
+        stack_gptq_modules([pieces[0], part(32, g_idx.flip(0))], bits, "mlp.gate_up_proj")
+    if bits == 3:  # 8 rows x 3 bits = 24 bits: the zero points of the next part would start mid-word
+        with pytest.raises(EdgequantError, match="whole 32-bit words"):
+            stack_gptq_modules([part(8, g_idx), part(32, g_idx)], bits, "mlp.gate_up_proj")

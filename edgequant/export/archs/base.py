@@ -267,8 +267,10 @@ Architecture.layout_for = classmethod(_layout_for)
 def quant_layout(hf_architecture: str) -> QuantLayout:
     """The layout of an HF architecture (``config.json``'s ``architectures[0]``); the default one for
     architectures edgequant does not convert (a GPTQ backend may still quantize them)."""
-    from edgequant.export.archs import _REGISTRY, _load_all
+    from edgequant.export.archs import architecture_for
 
-    _load_all()
-    cls = _REGISTRY.get(hf_architecture)
-    return cls.layout_for(hf_architecture) if cls is not None else QuantLayout()
+    try:
+        cls = architecture_for(hf_architecture)
+    except EdgequantError:
+        return QuantLayout()
+    return cls.layout_for(hf_architecture)
