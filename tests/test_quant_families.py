@@ -150,3 +150,38 @@ def test_stacked_parts_dequantize_to_the_stacked_matrices(bits):
     if bits == 3:  # 8 rows x 3 bits = 24 bits: the zero points of the next part would start mid-word
         with pytest.raises(EdgequantError, match="whole 32-bit words"):
             stack_gptq_modules([part(8, g_idx), part(32, g_idx)], bits, "mlp.gate_up_proj")
+
+
+class _Writes:
+    """A GPTQ backend that writes given packed tensors (what a backend with another layout might write)."""
+
+    name = "writes"
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def quantize(self, source, spec, calibration, workdir, on_layer):
+        from safetensors.torch import save_file
+
+        save_file(self.tensors, str(workdir / "model.safetensors"), metadata={"format": "pt"})
+        return []
+
+
+def test_layers_transformers_would_not_load_are_refused(tmp_path):
+    """Split parts that cannot be stacked, or a layer of the wrong shape: one line, nothing written."""
+    def module(name: str, n_out: int, g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        g_idx = torch.zeros(128, dtype=torch.int32) if g_idx is None else g_idx
+        return {f"{name}.qweight": torch.zeros(16, n_out, dtype=torch.int32),
+                f"{name}.qzeros": torch.zeros(1, n_out // 8, dtype=torch.int32),
+                f"{name}.scales": torch.ones(1, n_out, dtype=torch.float16), f"{name}.g_idx": g_idx}
+
+    out = tmp_path / "out"
+    reordered = torch.arange(128, dtype=torch.int32).flip(0) // 128
+    cases = [({**module("model.layers.0.mlp.gate_proj", 256), **module("model.layers.0.mlp.up_proj", 256, reordered + 1)},
+              "different column orders"),
+             (module("model.layers.0.self_attn.qkv_proj", 256), "does not have")]
+    for tensors, expect in cases:
+        with pytest.raises(EdgequantError, match=expect) as e:
+            gptq(fixtures_phi.tiny_phi3(), [4], out, GPTQOptions(samples=2, seq_len=32, backend=_Writes(tensors)))
+        assert "\n" not in str(e.value)
+    assert not any(out.iterdir())

@@ -422,13 +422,13 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
         if not any(part.glob("*.safetensors")):
             raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
         layers = merge_fused_errors(layers, fuse_split_linears(part, run.ckpt, run.layout, bits))
-        _check_layers_exist(part, run.ckpt, run.layout)
+        _check_layers_exist(part, run.ckpt, run.layout, bits)
         readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name)
         _finish_folder(part, run.ckpt, readme)
     return _result(run, spec, final, layers, time.perf_counter() - t0)
 
 
-def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout) -> None:
+def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout, bits: int) -> None:
     """Every quantized layer the backend wrote is a matrix of the source checkpoint, of the same shape
     (found through the architecture's layout: per-expert layers of fused experts sources included), and
     experts are named as ``edgequant.gptq_load`` loads them. A layer the source does not have would be
@@ -436,7 +436,7 @@ def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout) -> No
     refuse instead."""
     shapes = {name: ref.shape for name, ref in ckpt.tensors.items()}
     unknown = []
-    for name, (n_in, n_out) in _written_modules(part).items():
+    for name, (n_in, n_out) in _written_modules(part, bits).items():
         where, site = layout.find_weight(name, shapes), layout.site(name)
         if where is None or where.shape(shapes) != (n_out, n_in):
             unknown.append(name)
@@ -449,8 +449,8 @@ def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout) -> No
             f"cannot quantize {ckpt.hf_architecture} yet; use its GGUF files")
 
 
-def _written_modules(part: Path) -> dict[str, tuple[int, int]]:
-    """Module -> (in, out) of every quantized module in the folder (from ``g_idx`` and ``scales``)."""
+def _written_modules(part: Path, bits: int) -> dict[str, tuple[int, int]]:
+    """Module -> (in, out) of every quantized module in the folder (``qweight``: ``[in * bits / 32, out]``)."""
     from safetensors import safe_open
 
     out = {}
@@ -458,8 +458,8 @@ def _written_modules(part: Path) -> dict[str, tuple[int, int]]:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 if key.endswith(".qweight"):
-                    name = key.removesuffix(".qweight")
-                    out[name] = (f.get_slice(f"{name}.g_idx").get_shape()[0], f.get_slice(f"{name}.scales").get_shape()[1])
+                    rows, cols = f.get_slice(key).get_shape()
+                    out[key.removesuffix(".qweight")] = (rows * 32 // bits, cols)
     return out
 
 
