@@ -5,6 +5,13 @@ bench, ``edgequant gptq`` and the tests use.
 kernels), with the MoE experts module given per-expert ``nn.Linear`` children when the checkpoint
 stores experts per expert (GPTQModel always does; transformers 5 fuses experts into 3-D tensors).
 Missing, unexpected or mismatched keys are an error, never a silent re-initialisation.
+
+This module knows no architecture (it is in the base layer; ``edgequant.export.archs`` holds those
+facts): it reads what the folder holds. Quantized experts are recognised by their keys
+(``….experts.E.<linear>.qweight``) and the fused experts module by its shape (3-D ``gate_up_proj`` and
+``down_proj``); the per-expert Linears are named :data:`EXPERT_LINEARS`, the names GPTQModel writes and
+``edgequant gptq`` checks every folder for, whatever names the source checkpoint used (the hub's
+Mixtral ``w1``/``w3``/``w2``).
 :func:`quiet_gptqmodel` keeps GPTQModel's own bars and logs off stdout, for loading and quantizing.
 """
 
@@ -29,6 +36,7 @@ from edgequant.devices import resolve_device  # noqa: E402
 from edgequant.errors import EdgequantError  # noqa: E402
 
 _PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")  # one expert's gate, up and down Linears in a GPTQ folder
 _QUIET_LOGGERS = ("gptqmodel", "optimum", "transformers", "defuser", "logbar", "tokenicer")
 
 
@@ -80,13 +88,13 @@ class _Expert(torch.nn.Module):
 
     def __init__(self, hidden: int, ff: int, act_fn, dtype, device):
         super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, ff, bias=False, dtype=dtype, device=device)
-        self.up_proj = torch.nn.Linear(hidden, ff, bias=False, dtype=dtype, device=device)
-        self.down_proj = torch.nn.Linear(ff, hidden, bias=False, dtype=dtype, device=device)
+        for name, (n_in, n_out) in zip(EXPERT_LINEARS, ((hidden, ff), (hidden, ff), (ff, hidden))):
+            self.add_module(name, torch.nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device))
         self.act_fn = act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (getattr(self, n) for n in EXPERT_LINEARS)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
 class PerExpertLinears(torch.nn.ModuleList):

@@ -10,15 +10,15 @@ For every quantized module (``<name>.qweight``) the packed tensors are unpacked 
 * ``scales`` ``[groups, out]`` and ``g_idx`` ``[in]`` (the group of each input column).
 
 The dequantized weight is ``W[o, i] = scales[g, o] * (q[i, o] - zero[g, o])`` with ``g = g_idx[i]``.
-It is compared with the original matrix of the source checkpoint (found by name, for plain
-layers, for hub per-expert ``w1/w3/w2`` and for transformers 5's fused ``gate_up_proj``/``down_proj``)
-and with round-to-nearest (RTN) on the same grid (bits, group size, sym) as a baseline.
+It is compared with the original matrix of the source checkpoint (found through the architecture's
+quantization layout, ``QuantLayout.find_weight``: plain layers under any spelling of the blocks, hub
+per-expert ``w1/w3/w2`` and transformers 5's fused ``gate_up_proj``/``down_proj``) and with
+round-to-nearest (RTN) on the same grid (bits, group size, sym) as a baseline.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,13 +28,11 @@ from safetensors import safe_open
 
 from edgequant.checkpoint import Checkpoint, open_checkpoint
 from edgequant.errors import EdgequantError
+from edgequant.export.archs.base import QuantLayout, WeightSlice, quant_layout
 
 # Relative Frobenius error ||W - W_q|| / ||W|| a sound GPTQ checkpoint stays under, per bit width.
 # (RTN on bf16 Gaussian-like weights gives about 0.5 / 0.19 / 0.09 / 0.005 at group size 64-128.)
 ERROR_BOUND = {2: 0.85, 3: 0.40, 4: 0.20, 8: 0.015}
-
-_EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)$")
-_HUB_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 @dataclass
@@ -132,27 +130,14 @@ def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> to
     return (scale * (q - zero)).reshape(out, n_in)
 
 
-def original_weight(ckpt: Checkpoint, module: str) -> torch.Tensor:
-    """The source matrix ``[out, in]`` of a quantized module name, whatever the source's expert layout."""
-    direct = ckpt.tensors.get(module + ".weight")
-    if direct is not None:
-        return direct.read().float()
-    m = _EXPERT.match(module)
-    if m:
-        prefix, e, proj = m["prefix"], int(m["e"]), m["proj"]
-        proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(proj, proj)
-        for p in (prefix, prefix.replace(".mlp", ".block_sparse_moe"), prefix.replace(".block_sparse_moe", ".mlp")):
-            hub = ckpt.tensors.get(f"{p}.experts.{e}.{_HUB_PROJ[proj]}.weight")
-            if hub is not None:
-                return hub.read().float()
-            if proj == "down_proj" and f"{p}.experts.down_proj" in ckpt.tensors:
-                return ckpt.tensors[f"{p}.experts.down_proj"].read((e,)).float()
-            fused = ckpt.tensors.get(f"{p}.experts.gate_up_proj")
-            if fused is not None:
-                gate_up = fused.read((e,)).float()
-                ff = gate_up.shape[0] // 2
-                return gate_up[:ff] if proj == "gate_proj" else gate_up[ff:]
-    raise EdgequantError(f"{module}: no matching weight in the source checkpoint {ckpt.path} (is it the model this GPTQ folder was made from?)")
+def original_weight(ckpt: Checkpoint, module: str, layout: QuantLayout | None = None) -> torch.Tensor:
+    """The source matrix ``[out, in]`` of a quantized module name, whatever the source's layout."""
+    layout = layout or quant_layout(ckpt.hf_architecture)
+    where = layout.find_weight(module, {n: r.shape for n, r in ckpt.tensors.items()})
+    if where is None:
+        raise EdgequantError(f"{module}: no matching weight in the source checkpoint {ckpt.path} (is it the model this GPTQ folder was made from?)")
+    index = () if where.expert is None else (where.expert,)
+    return ckpt.tensors[where.tensor].read(index, where.rows).float()
 
 
 def _read_quant_config(folder: Path) -> dict:
@@ -175,6 +160,7 @@ def check_gptq_folder(folder: str | Path, source: str | Path) -> CheckResult:
     if fmt != "gptq":
         result.problems.append(f"checkpoint format {fmt!r}, expected 'gptq' (v1)")
     ckpt = open_checkpoint(source)
+    layout = quant_layout(ckpt.hf_architecture)
     maxq = 2**bits - 1
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
@@ -197,7 +183,7 @@ def check_gptq_folder(folder: str | Path, source: str | Path) -> CheckResult:
                 if not bool((scales.float() > 0).all()):
                     result.problems.append(f"{name}: non-positive scales")
                 w_q = dequantize(qweight, qzeros, scales, g_idx, bits)
-                w = original_weight(ckpt, name)
+                w = original_weight(ckpt, name, layout)
                 if tuple(w.shape) != tuple(w_q.shape):
                     result.problems.append(f"{name}: shape {tuple(w_q.shape)} != source {tuple(w.shape)}")
                     continue
@@ -223,52 +209,44 @@ def dequantized_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _model_layout(model: torch.nn.Module) -> QuantLayout:
+    return quant_layout((getattr(model.config, "architectures", None) or [type(model).__name__])[0])
+
+
+def _param_view(params: dict, where: WeightSlice) -> torch.Tensor:
+    """The part of a model parameter a quantized module's matrix is (a view: writes go to the model)."""
+    p = params[where.tensor]
+    p = p[where.expert] if where.expert is not None else p
+    return p[where.rows[0]:where.rows[1]] if where.rows else p
+
+
+def _find_param(params: dict, shapes: dict, layout: QuantLayout, name: str) -> torch.Tensor:
+    where = layout.find_weight(name, shapes)
+    if where is None:
+        raise EdgequantError(f"{name}: no such module in the model")
+    return _param_view(params, where)
+
+
 def replace_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
     """Write ``weights`` (by GPTQ module name) into a plain transformers model of the source, in place:
-    ``nn.Linear`` modules by name, per-expert names into transformers 5's fused expert tensors.
-    Returns how many matrices were replaced; every one of ``weights`` must find its place."""
+    ``nn.Linear`` modules by name, per-expert names into transformers 5's fused expert tensors (the
+    architecture's quantization layout places them). Returns how many matrices were replaced; every
+    one of ``weights`` must find its place."""
     params = dict(model.named_parameters())
-    done = 0
+    shapes = {n: p.shape for n, p in params.items()}
+    layout = _model_layout(model)
     with torch.no_grad():
         for name, w in weights.items():
-            p = params.get(name + ".weight")
-            if p is not None:
-                p.copy_(w.to(p.dtype))
-                done += 1
-                continue
-            m = _EXPERT.match(name)
-            if m is None:
-                raise EdgequantError(f"{name}: no such module in the model")
-            e, proj = int(m["e"]), {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m["proj"], m["proj"])
-            prefix = m["prefix"].replace(".block_sparse_moe", ".mlp")
-            if proj == "down_proj":
-                params[f"{prefix}.experts.down_proj"][e].copy_(w.to(params[f"{prefix}.experts.down_proj"].dtype))
-            else:
-                gu = params[f"{prefix}.experts.gate_up_proj"]
-                ff = gu.shape[1] // 2
-                rows = slice(0, ff) if proj == "gate_proj" else slice(ff, 2 * ff)
-                gu[e, rows].copy_(w.to(gu.dtype))
-            done += 1
-    return done
+            view = _find_param(params, shapes, layout, name)
+            view.copy_(w.to(view.dtype))
+    return len(weights)
 
 
 def rtn_model_(model: torch.nn.Module, names: list[str], bits: int, group_size: int, sym: bool) -> None:
     """Round-to-nearest, in place, of the same matrices (GPTQ module names) of a plain transformers model."""
     params = dict(model.named_parameters())
-    rtn = {}
-    for name in names:
-        p = params.get(name + ".weight")
-        if p is not None:
-            rtn[name] = rtn_dequantize(p.detach(), bits, group_size, sym)
-            continue
-        m = _EXPERT.match(name)
-        e, proj = int(m["e"]), {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m["proj"], m["proj"])
-        prefix = m["prefix"].replace(".block_sparse_moe", ".mlp")
-        if proj == "down_proj":
-            w = params[f"{prefix}.experts.down_proj"][e]
-        else:
-            gu = params[f"{prefix}.experts.gate_up_proj"][e]
-            ff = gu.shape[0] // 2
-            w = gu[:ff] if proj == "gate_proj" else gu[ff:]
-        rtn[name] = rtn_dequantize(w.detach(), bits, group_size, sym)
+    shapes = {n: p.shape for n, p in params.items()}
+    layout = _model_layout(model)
+    rtn = {name: rtn_dequantize(_find_param(params, shapes, layout, name).detach(), bits, group_size, sym)
+           for name in names}
     replace_weights(model, rtn)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,17 +31,18 @@ from edgequant.atomic import atomic_folder, atomic_outputs, check_output_folder,
 from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
-from edgequant.gptq_load import quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
+from edgequant.export.archs.base import QuantLayout, quant_layout
+from edgequant.gptq_load import EXPERT_LINEARS, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
+from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
 from edgequant.quantize.gptq_options import GPTQOptions  # re-exported: the CLI and the pipeline import it from here
 from edgequant.text import Text, load_text
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZES = (128, 64, 32)  # the first one that divides every input dimension
 EXTRA_FILES = ("generation_config.json",)  # copied from the source beside the tokenizer files
-_LAYER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_FUSED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.(.+)\.experts\.(gate_up_proj|down_proj)$")
+_EXPERT_NAME = dict(zip(("gate", "up", "down"), EXPERT_LINEARS))  # an expert's Linears in our GPTQ folders
 
 
 @dataclass(frozen=True)
@@ -213,14 +213,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def input_dims(ckpt: Checkpoint) -> dict[int, list[str]]:
-    """Input dimension -> the decoder matrices that have it (what GPTQ quantizes: 2-D weights and
-    fused expert tensors inside ``model.layers``)."""
+    """Input dimension -> the decoder matrices that have it (what GPTQ quantizes: the 2-D weights and
+    fused expert tensors of the decoder blocks, as the architecture's quantization layout says)."""
     dims: dict[int, list[str]] = {}
-    for name, ref in ckpt.tensors.items():
-        if _LAYER_WEIGHT.match(name) and len(ref.shape) == 2 and not name.endswith(("norm.weight", ".gate.weight", ".router.weight")):
-            dims.setdefault(ref.shape[1], []).append(name)
-        elif _FUSED_EXPERTS.match(name) and len(ref.shape) == 3:
-            dims.setdefault(ref.shape[2], []).append(name)
+    shapes = {name: ref.shape for name, ref in ckpt.tensors.items()}
+    for name, n_in in quant_layout(ckpt.hf_architecture).quantized_inputs(shapes).items():
+        dims.setdefault(n_in, []).append(name)
     return dims
 
 
@@ -355,6 +353,7 @@ class _Run:
     corpus: Text
     windows: list[list[int]]
     backend: GPTQBackend
+    layout: QuantLayout
     n_layers: int
     n_params: int
     notes: list[str]
@@ -373,9 +372,9 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
     check_writable(finals, force=opts.force, folders_ok=True)  # each checkpoint is a folder
 
     corpus = load_text(opts.calibration)
-    n_layers = len({int(m.group(1)) for n in ckpt.tensors if (m := re.match(r"^model\.layers\.(\d+)\.", n))})
+    layout = quant_layout(ckpt.hf_architecture)
     run = _Run(ckpt, opts, group_size, corpus, _calibration(ckpt, corpus, opts), opts.backend or GPTQModelBackend(),
-               n_layers, _n_params(ckpt), notes)
+               layout, layout.n_blocks(ckpt.tensors), _n_params(ckpt), notes)
     with folder_lock(out_dir):  # one writer per folder: the <folder>.part names are this run's alone
         return [_quantize_bits(run, b, final) for b, final in zip(bit_list, finals)]
 
@@ -384,7 +383,8 @@ def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]
     """Refuse what cannot work before any work; the group size to use and the notes about it."""
     dims = input_dims(ckpt)
     if not dims:
-        raise EdgequantError(f"{ckpt.path} has no decoder weight matrices (model.layers.N.*.weight) GPTQ can quantize; pass a causal LM checkpoint")
+        blocks = quant_layout(ckpt.hf_architecture).module_blocks
+        raise EdgequantError(f"{ckpt.path} has no decoder weight matrices ({blocks}.N.*.weight) GPTQ can quantize; pass a causal LM checkpoint")
     group_size, note = resolve_group_size(opts.group_size, dims)
     if not 0 < opts.damp_percent < 1:
         raise EdgequantError(f"--damp-percent {opts.damp_percent}: use a fraction between 0 and 1 (0.01 to 0.1 is usual)")
@@ -421,24 +421,46 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
             layers = run.backend.quantize(run.ckpt.path, spec, run.windows, part, on_layer)
         if not any(part.glob("*.safetensors")):
             raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
-        _check_layers_exist(part, run.ckpt)
+        layers = merge_fused_errors(layers, fuse_split_linears(part, run.ckpt, run.layout, bits))
+        _check_layers_exist(part, run.ckpt, run.layout, bits)
         readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name)
         _finish_folder(part, run.ckpt, readme)
     return _result(run, spec, final, layers, time.perf_counter() - t0)
 
 
-def _check_layers_exist(part: Path, ckpt: Checkpoint) -> None:
-    """Every quantized layer the backend wrote is a Linear of the source checkpoint. A layer the source
-    does not have (GPTQModel splits a fused ``gate_up_proj`` into ``gate_proj``/``up_proj``) would be left
-    out by transformers at load time and the source's own weight initialised at random, silently; refuse
-    instead. Expert layers are exempt: ``edgequant.gptq_load`` reads per-expert layers of fused sources."""
-    written = {n.removesuffix(".qweight") for n in open_checkpoint(part).tensors if n.endswith(".qweight")}
-    unknown = sorted(n for n in written if f"{n}.weight" not in ckpt.tensors and ".experts." not in n)
+def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout, bits: int) -> None:
+    """Every quantized layer the backend wrote is a matrix of the source checkpoint, of the same shape
+    (found through the architecture's layout: per-expert layers of fused experts sources included), and
+    experts are named as ``edgequant.gptq_load`` loads them. A layer the source does not have would be
+    left out by transformers at load time and the source's own weight initialised at random, silently;
+    refuse instead."""
+    shapes = {name: ref.shape for name, ref in ckpt.tensors.items()}
+    unknown = []
+    for name, (n_in, n_out) in _written_modules(part, bits).items():
+        where, site = layout.find_weight(name, shapes), layout.site(name)
+        if where is None or where.shape(shapes) != (n_out, n_in):
+            unknown.append(name)
+        elif site is not None and site.kind == "expert" and name.rsplit(".", 1)[1] != _EXPERT_NAME[site.role]:
+            unknown.append(name)  # edgequant.gptq_load builds experts with these names only
     if unknown:
         raise EdgequantError(
-            f"GPTQ wrote {len(unknown)} quantized layers that {ckpt.hf_architecture} does not have (e.g. {unknown[0]}; "
-            f"the source fuses them), so transformers would load this checkpoint with random weights: nothing was "
-            f"written. edgequant gptq cannot quantize {ckpt.hf_architecture} yet; use its GGUF files")
+            f"GPTQ wrote {len(unknown)} quantized layers that {ckpt.hf_architecture} does not have (e.g. {sorted(unknown)[0]}), "
+            f"so transformers would load this checkpoint with random weights: nothing was written. edgequant gptq "
+            f"cannot quantize {ckpt.hf_architecture} yet; use its GGUF files")
+
+
+def _written_modules(part: Path, bits: int) -> dict[str, tuple[int, int]]:
+    """Module -> (in, out) of every quantized module in the folder (``qweight``: ``[in * bits / 32, out]``)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in part.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".qweight"):
+                    rows, cols = f.get_slice(key).get_shape()
+                    out[key.removesuffix(".qweight")] = (rows * 32 // bits, cols)
+    return out
 
 
 def _result(run: _Run, spec: GPTQSpec, final: Path, layers: list[LayerError], seconds: float) -> GPTQResult:

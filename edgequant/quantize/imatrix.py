@@ -14,12 +14,10 @@ recomputed ``act(gate) * up`` (down input).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 
@@ -31,14 +29,6 @@ from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
 from edgequant.progress import progress_count
 from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
-
-_EXPERTS_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
-_EXPERT_NAMES = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)
-# One nn.Linear per expert: the hub's Mixtral layout (w1/w3/w2) and the "defused" one GPTQModel's
-# defuser swaps into transformers for the rest of the process once it has loaded an MoE model.
-_EXPERT_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)$")
-_EXPERT_LINEAR_TENSOR = {"gate_proj": _EXPERT_NAMES[0], "w1": _EXPERT_NAMES[0], "up_proj": _EXPERT_NAMES[1],
-                         "w3": _EXPERT_NAMES[1], "down_proj": _EXPERT_NAMES[2], "w2": _EXPERT_NAMES[2]}
 
 
 @dataclass
@@ -93,10 +83,10 @@ class _Collector:
             self.add(name, args[0].detach(), expert, n_expert)
         return hook
 
-    def experts_hook(self, bid: int, arch):
-        """A pre-hook on a fused experts module: per expert, the routed hidden states (gate/up input)
-        and the recomputed ``act(gate) * up`` (down input)."""
-        gate, up, down = (arch.tensor_name(t, bid) for t in _EXPERT_NAMES)
+    def experts_hook(self, names: tuple[str, str, str]):
+        """A pre-hook on a fused experts module (GGUF ``names`` of its gate, up and down stacks): per
+        expert, the routed hidden states (gate/up input) and the recomputed ``act(gate) * up`` (down input)."""
+        gate, up, down = names
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -183,21 +173,26 @@ def _load_model(ckpt: Checkpoint, dev: torch.device):
 
 def _hooks(model, col: _Collector, arch, n_expert: int) -> list:
     """A forward pre-hook on every module whose inputs a quantized matrix sees: fused experts
-    modules, per-expert Linears, and the Linears of ``blk.*`` tensors."""
+    modules, per-expert Linears, and the Linears of ``blk.*`` tensors. Where they are and what
+    they become in the GGUF is the architecture's quantization layout (``export.archs``)."""
+    layout = arch.layout_for(arch.ckpt.hf_architecture)
     handles = []
     for name, module in model.named_modules():
-        m = _EXPERTS_MODULE.match(name)
-        e = _EXPERT_LINEAR.match(name)
-        if m and hasattr(module, "gate_up_proj"):
-            handles.append(module.register_forward_pre_hook(col.experts_hook(int(m.group(1)), arch), with_kwargs=True))
-        elif e and isinstance(module, torch.nn.Linear) and n_expert:
-            gname = arch.tensor_name(_EXPERT_LINEAR_TENSOR[e.group(3)], int(e.group(1)))
+        site = layout.site(name)
+        if site is None:
+            continue
+        if site.kind == "experts" and hasattr(module, "gate_up_proj"):
+            hook = col.experts_hook(layout.expert_gguf_names(arch, site.block))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        elif not isinstance(module, torch.nn.Linear) or (site.kind == "expert" and not n_expert):
+            continue
+        elif (gname := layout.gguf_name(arch, name)) is None:
+            continue
+        elif site.kind == "expert":  # one Linear per expert: the hub's Mixtral layout, or GPTQModel's defused one
             handles.append(module.register_forward_pre_hook(
-                col.expert_linear_hook(gname, int(e.group(2)), n_expert, module.in_features)))
-        elif isinstance(module, torch.nn.Linear):
-            gname = arch.mapped_name(name + ".weight")
-            if gname is not None and gname.startswith("blk."):
-                handles.append(module.register_forward_pre_hook(col.linear_hook(gname)))
+                col.expert_linear_hook(gname, site.expert, n_expert, module.in_features)))
+        else:
+            handles.append(module.register_forward_pre_hook(col.linear_hook(gname)))
     return handles
 
 

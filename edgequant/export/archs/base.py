@@ -93,3 +93,184 @@ class Architecture:
 
     def plan(self) -> list[PlannedTensor]:
         raise NotImplementedError
+
+
+# -- quantization layout ----------------------------------------------------------------------------
+# What the quantizers (edgequant.quantize: the imatrix collector, GPTQ) need to know about a family's
+# transformers modules and checkpoint tensors, so that they hold no architecture names of their own.
+# ``Architecture.quant_layout`` is the default (a dense decoder under ``model.layers``); families
+# override the class attribute, or ``layout_for`` where it depends on the checkpoint.
+
+from dataclasses import dataclass  # noqa: E402  (kept with the section it serves)
+
+_EXPERT_TENSORS = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
+                   "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a block keeps its MoE experts and how their matrices are named."""
+
+    containers: tuple[str, ...] = ("mlp",)  # the block submodule holding ``experts``; the first is transformers'
+    gate: tuple[str, ...] = ("gate_proj",)  # one expert's Linear names per role, in checkpoints and modules
+    up: tuple[str, ...] = ("up_proj",)
+    down: tuple[str, ...] = ("down_proj",)
+    gate_up_stack: str = "gate_up_proj"  # transformers 5's fused parameters: [E, 2 ff, hidden], gate rows first
+    down_stack: str = "down_proj"  # [E, hidden, ff]
+
+    def role(self, linear: str) -> str | None:
+        """``gate``, ``up`` or ``down`` for one expert's Linear name, else None."""
+        return next((r for r in ("gate", "up", "down") if linear in getattr(self, r)), None)
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """A Linear whose rows stack several matrices that see the same input (Phi-3's ``mlp.gate_up_proj``:
+    gate rows, then up rows). A GPTQ backend that quantizes ``parts`` one by one is fused back."""
+
+    name: str  # the path inside a block, as the source stores it
+    parts: tuple[str, ...]  # the split Linears, first rows first
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """A module (or tensor) name placed in a layout."""
+
+    block: int
+    path: str  # inside the block: ``self_attn.q_proj``, ``mlp.experts``, ``mlp.experts.3.w1``
+    kind: str  # ``linear``, ``experts`` (a fused experts module), ``expert`` (one expert's Linear), ``stack`` (3-D)
+    expert: int | None = None
+    role: str | None = None  # gate / up / down for ``expert``; gate_up / down for ``stack``
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """Where a quantized module's ``[out, in]`` matrix is: a tensor (or parameter), one expert of a 3-D
+    stack, a row range of it."""
+
+    tensor: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+    def shape(self, shapes: dict) -> tuple[int, int]:
+        """The ``(out, in)`` of the matrix, from the tensor's shape in ``shapes``."""
+        shape = tuple(int(d) for d in shapes[self.tensor])[1 if self.expert is not None else 0:]
+        return (self.rows[1] - self.rows[0], shape[1]) if self.rows else (shape[0], shape[1])
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """The decoder as the quantizers see it: where the blocks are, which matrices are quantized, how
+    experts and fused Linears are stored, and which spelling the converter's tensor map reads."""
+
+    blocks: tuple[str, ...] = ("model.layers",)  # transformers' module path of the blocks, then other checkpoint spellings
+    experts: ExpertLayout | None = None
+    fused: tuple[FusedLinear, ...] = ()
+    kept: str = r"(^|\.)(\w*norm\w*|gate|router)$"  # block matrices never quantized: norms, MoE routers
+    gguf_blocks: str = "model.layers"  # the spelling gguf-py's tensor name map knows
+
+    @property
+    def module_blocks(self) -> str:
+        return self.blocks[0]
+
+    def site(self, name: str) -> ModuleSite | None:
+        """Where ``name`` (a module path, or a tensor name without ``.weight``) sits; None outside the blocks."""
+        for prefix in self.blocks:
+            if name.startswith(prefix + "."):
+                bid, _, path = name[len(prefix) + 1:].partition(".")
+                if bid.isdigit() and path:
+                    return self._place(int(bid), path)
+        return None
+
+    def _place(self, bid: int, path: str) -> ModuleSite:
+        ex = self.experts
+        head, sep, rest = path.partition(".experts")
+        if ex is None or not sep or head not in ex.containers:
+            return ModuleSite(bid, path, "linear")
+        if not rest:
+            return ModuleSite(bid, path, "experts")
+        parts = rest[1:].split(".")
+        if len(parts) == 2 and parts[0].isdigit() and ex.role(parts[1]):
+            return ModuleSite(bid, path, "expert", int(parts[0]), ex.role(parts[1]))
+        if len(parts) == 1 and parts[0] in (ex.gate_up_stack, ex.down_stack):
+            return ModuleSite(bid, path, "stack", role="gate_up" if parts[0] == ex.gate_up_stack else "down")
+        return ModuleSite(bid, path, "linear")
+
+    def n_blocks(self, names) -> int:
+        """How many blocks the names (tensors or modules) reach into."""
+        return len({s.block for n in names if (s := self.site(n)) is not None})
+
+    def quantized_inputs(self, shapes: dict) -> dict[str, int]:
+        """Tensor name -> input dimension of every block matrix a GPTQ backend quantizes (2-D weights
+        other than norms and routers, and 3-D expert stacks); ``shapes``: name -> shape."""
+        out = {}
+        for name, shape in shapes.items():
+            site = self.site(name.removesuffix(".weight"))
+            if site is None:
+                continue
+            if site.kind == "stack" and len(shape) == 3:
+                out[name] = int(shape[2])
+            elif name.endswith(".weight") and len(shape) == 2 and site.kind != "stack" and not re.search(self.kept, site.path):
+                out[name] = int(shape[1])
+        return out
+
+    def find_weight(self, module: str, shapes: dict) -> WeightSlice | None:
+        """Where a quantized module's matrix is among ``shapes`` (name -> shape: a checkpoint's tensors or a
+        model's parameters), whatever spelling of the blocks and of the experts they use."""
+        site = self.site(module)
+        if site is None:
+            return WeightSlice(module + ".weight") if module + ".weight" in shapes else None
+        for prefix in self.blocks:
+            if f"{prefix}.{site.block}.{site.path}.weight" in shapes:
+                return WeightSlice(f"{prefix}.{site.block}.{site.path}.weight")
+        return self._find_expert(site, shapes) if site.kind == "expert" else None
+
+    def _find_expert(self, site: ModuleSite, shapes: dict) -> WeightSlice | None:
+        ex = self.experts
+        for prefix in self.blocks:
+            for container in ex.containers:
+                base = f"{prefix}.{site.block}.{container}.experts"
+                for name in getattr(ex, site.role):
+                    if f"{base}.{site.expert}.{name}.weight" in shapes:
+                        return WeightSlice(f"{base}.{site.expert}.{name}.weight")
+                stack = f"{base}.{ex.down_stack if site.role == 'down' else ex.gate_up_stack}"
+                if stack in shapes:
+                    ff = int(shapes[stack][1]) // 2
+                    rows = {"down": None, "gate": (0, ff), "up": (ff, 2 * ff)}[site.role]
+                    return WeightSlice(stack, site.expert, rows)
+        return None
+
+    def gguf_name(self, arch: Architecture, module: str) -> str | None:
+        """The GGUF tensor (``blk.*``) a Linear module's matrix becomes, for the imatrix; None for others."""
+        site = self.site(module)
+        if site is None:
+            return None
+        if site.kind == "expert":
+            return arch.tensor_name(_EXPERT_TENSORS[site.role], site.block)
+        name = arch.mapped_name(f"{self.gguf_blocks}.{site.block}.{site.path}.weight")
+        return name if name is not None and name.startswith("blk.") else None
+
+    def expert_gguf_names(self, arch: Architecture, block: int) -> tuple[str, str, str]:
+        """The GGUF gate, up and down expert stacks of a block."""
+        return tuple(arch.tensor_name(_EXPERT_TENSORS[r], block) for r in ("gate", "up", "down"))  # type: ignore[return-value]
+
+
+def _layout_for(cls, hf_architecture: str) -> QuantLayout:
+    """The quantization layout of an HF architecture class of the family (Gemma 3's multimodal class has its own)."""
+    return cls.quant_layout
+
+
+Architecture.quant_layout = QuantLayout()
+Architecture.layout_for = classmethod(_layout_for)
+
+
+def quant_layout(hf_architecture: str) -> QuantLayout:
+    """The layout of an HF architecture (``config.json``'s ``architectures[0]``); the default one for
+    architectures edgequant does not convert (a GPTQ backend may still quantize them)."""
+    from edgequant.export.archs import architecture_for
+
+    try:
+        cls = architecture_for(hf_architecture)
+    except EdgequantError:
+        return QuantLayout()
+    return cls.layout_for(hf_architecture)

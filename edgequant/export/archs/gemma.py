@@ -28,7 +28,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import Architecture
+from edgequant.export.archs.base import Architecture, QuantLayout
 from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
@@ -37,6 +37,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 _VISION = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|multimodal_projector)\.")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+# Gemma3ForConditionalGeneration: transformers' modules under model.language_model, checkpoints under either spelling
+_VLM_LAYOUT = QuantLayout(blocks=("model.language_model.layers", "language_model.model.layers"))
 _BLOCK_NEEDS = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_POST_NORM, T.FFN_NORM,
                 T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM)
 
@@ -264,6 +266,10 @@ class Gemma3(_Gemma):
                 raise EdgequantError("config.json of a Gemma3ForConditionalGeneration has no text_config; fix config.json")
             return text
         return ckpt.config
+
+    @classmethod
+    def layout_for(cls, hf_architecture: str) -> QuantLayout:
+        return _VLM_LAYOUT if hf_architecture == "Gemma3ForConditionalGeneration" else cls.quant_layout
 
     def write_attention(self, w: gguf.GGUFWriter) -> None:
         if self.softcap("attn_logit_softcapping") is not None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import Architecture
+from edgequant.export.archs.base import Architecture, ExpertLayout, QuantLayout
 from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
@@ -271,6 +271,9 @@ class Llama(Architecture):
 @register("MixtralForCausalLM")
 class Mixtral(Llama):
     """Mixtral: the llama layout plus 3-D expert stacks and an F32 router."""
+
+    quant_layout = QuantLayout(experts=ExpertLayout(containers=("mlp", "block_sparse_moe"), gate=("gate_proj", "w1"),
+                                                    up=("up_proj", "w3"), down=("down_proj", "w2")))
 
     def exact_window_possible(self) -> bool:
         return False

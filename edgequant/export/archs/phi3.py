@@ -28,7 +28,7 @@ import numpy as np
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import Architecture
+from edgequant.export.archs.base import Architecture, FusedLinear, QuantLayout
 from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
@@ -41,6 +41,11 @@ _LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers' Phi3Config maps su
 @register("Phi3ForCausalLM")
 class Phi3(Architecture):
     gguf_arch = gguf.MODEL_ARCH.PHI3
+    # transformers' Phi3 keeps both fused; GPTQModel quantizes the MLP as gate_proj and up_proj
+    quant_layout = QuantLayout(fused=(
+        FusedLinear("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        FusedLinear("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ))
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
