@@ -3,7 +3,6 @@ against transformers' float32 logits and run by llama.cpp (llama-cpp-python): F3
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import fixtures_relatives
+from fixtures import _patch_json
 from edgequant.errors import EdgequantError
 from edgequant.export.convert import convert
 from edgequant.quantize.gguf_quant import quantize
@@ -78,14 +78,10 @@ def test_layouts(converted):
     assert "output.weight" not in smol and "blk.3.attn_q.weight" in smol  # tied output
 
 
-def _variant(src: Path, tmp_path: Path, **config) -> Path:
-    dst = tmp_path / src.name
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, dst / f.name)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(config)
-    (dst / "config.json").write_text(json.dumps(cfg))
+def _variant(src: Path, dst: Path, **config) -> Path:
+    """A copy of a (tiny) fixture folder with config.json keys changed."""
+    shutil.copytree(src, dst)
+    _patch_json(dst / "config.json", update=config)
     return dst
 
 
