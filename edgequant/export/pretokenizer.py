@@ -47,7 +47,7 @@ GPT4O_REGEX = (
 _KNOWN: dict[tuple, str] = {
     (_BYTELEVEL,): "gpt-2",
     (_DIGITS, _BYTELEVEL): "smollm",  # = starcoder's regexes; see clean-spaces rule below
-    (("split", LLAMA3_REGEX),): "llama-bpe",
+    (("split", LLAMA3_REGEX),): "llama-bpe",  # or dbrx without ignore_merges (see _refine)
     (("split", QWEN2_REGEX),): "qwen2",
     (("split", GPT4O_REGEX),): "gpt-4o",
 }
@@ -105,6 +105,29 @@ def identify(tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any] | 
         raise EdgequantError(f"tokenizer.json declares a {norm_type} normalizer that llama.cpp does not apply; {hint}")
     if name == "smollm" and (tokenizer_config or {}).get("clean_up_tokenization_spaces", False):
         name = "starcoder"  # same regexes; llama.cpp cleans spaces when detokenizing for this name
+    return _refine(name, tokenizer_json)
+
+
+# DeepSeek's BOS, which its R1 distills of Qwen2.5 add to Qwen's vocabulary
+DEEPSEEK_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
+
+
+def _refine(name: str, tokenizer_json: dict[str, Any]) -> str:
+    """Names that share a regex set but differ in a flag llama.cpp ties to the name, or in provenance.
+
+    - ``llama-bpe`` turns on ``ignore_merges`` (a word found whole in the vocabulary is one token, as
+      Llama 3's tokenizer.json asks); ``dbrx`` has the same regex without it (Phi-4, DBRX: cl100k
+      vocabularies whose tokenizer.json leaves ignore_merges false).
+    - ``deepseek-r1-qwen`` is llama.cpp's qwen2 set under the name its converter writes for the
+      DeepSeek-R1 distills of Qwen (Qwen's BPE with DeepSeek's added tokens and BOS).
+    """
+    model = tokenizer_json.get("model") or {}
+    if name == "llama-bpe" and not model.get("ignore_merges", False):
+        return "dbrx"
+    if name == "qwen2":
+        added = {t.get("content") for t in tokenizer_json.get("added_tokens") or []}
+        if DEEPSEEK_BOS in added or DEEPSEEK_BOS in (model.get("vocab") or {}):
+            return "deepseek-r1-qwen"
     return name
 
 

@@ -13,7 +13,10 @@ from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODE
 from edgequant.export.plan import Part, PlannedTensor
 
 _MISSING = object()
-
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_INCOMPLETE = "it is incomplete (download every shard)"
+MULTIMODAL_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
+VISION_PARTS = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|multimodal_projector)\.")
 
 
 class Architecture:
@@ -71,6 +74,16 @@ class Architecture:
             raise EdgequantError(f"config.json {keys[0]} is {value!r}; it must be a whole number >= 1 (fix config.json)")
         return int(value)
 
+    def read_attention_shape(self) -> None:
+        """config.json's attention shape: heads, KV heads (grouped-query), width and head size."""
+        self.n_head = self.positive_int("num_attention_heads")
+        self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
+        self.n_embd = self.positive_int("hidden_size")
+        self.head_dim = self.positive_int("head_dim", default=self.n_embd // self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise EdgequantError(f"config.json: num_attention_heads {self.n_head} is not a multiple of "
+                                 f"num_key_value_heads {self.n_kv_head}; fix config.json")
+
     def tensor_name(self, key: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = ".weight") -> str:
         return gguf.TENSOR_NAMES[key].format(bid=bid) + suffix
 
@@ -91,8 +104,94 @@ class Architecture:
     def write_hparams(self, writer: gguf.GGUFWriter) -> None:
         raise NotImplementedError
 
+    # -- the tensor plan: one walk over the checkpoint, with per-family hooks ---------------------
+
+    # GGUF tensors every block must have (the completeness check); families add theirs
+    block_needs: ClassVar[tuple[gguf.MODEL_TENSOR, ...]] = (
+        gguf.MODEL_TENSOR.ATTN_NORM, gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V,
+        gguf.MODEL_TENSOR.ATTN_OUT, gguf.MODEL_TENSOR.FFN_NORM)
+    missing_embedding = "the checkpoint has no model.embed_tokens.weight; " + _INCOMPLETE
+
     def plan(self) -> list[PlannedTensor]:
-        raise NotImplementedError
+        """Every output tensor in file order: the embedding, computed head tensors, the blocks, the rest.
+
+        Each checkpoint tensor is renamed (:meth:`text_name`), skipped (:meth:`skipped`), kept aside for
+        the family (:meth:`claims`, e.g. experts to stack), or mapped through gguf-py's name map and
+        planned (:meth:`planned`); a name the map does not know is an error naming the tensor.
+        """
+        head = self.head_tensors()
+        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
+        tail: list[PlannedTensor] = []
+        claimed: dict[str, TensorRef] = {}
+        for hf_name, ref in self.ckpt.tensors.items():
+            name = self.text_name(hf_name)
+            if name is None or self.skipped(name):
+                continue
+            if self.claims(name):
+                claimed[name] = ref
+                continue
+            gguf_name = self.mapped_name(name)
+            if gguf_name is None:
+                raise self.unexpected(hf_name)
+            pt = self.planned(name, gguf_name, ref)
+            m = _LAYER.match(name)
+            if m and int(m.group(1)) < self.n_blocks:
+                blocks[int(m.group(1))].append(pt)
+            elif m:
+                raise EdgequantError(f"{hf_name} is in layer {m.group(1)} but config.json has {self.n_blocks} layers")
+            elif gguf_name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD]):
+                head.insert(0, pt)
+            else:
+                tail.append(pt)
+        self.add_block_tensors(blocks, claimed)
+        self.check_complete(head, blocks, tail)
+        return head + [t for b in blocks for t in b] + tail
+
+    def head_tensors(self) -> list[PlannedTensor]:
+        """Tensors the family computes (RoPE factors), written after the embedding."""
+        return []
+
+    # where a multimodal class keeps its language model, and what it has besides (left out: llama.cpp
+    # keeps a vision tower and its projector in a separate mmproj file)
+    text_prefixes: ClassVar[tuple[str, ...]] = ()
+    non_text: ClassVar[re.Pattern | None] = None
+
+    def text_name(self, hf_name: str) -> str | None:
+        """The language model's name for a checkpoint tensor (``model.…``, ``lm_head.…``); None skips it."""
+        if self.non_text is not None and self.non_text.match(hf_name):
+            return None
+        for prefix in self.text_prefixes:
+            if hf_name.startswith(prefix):
+                rest = hf_name[len(prefix):]
+                return rest if rest.startswith(("model.", "lm_head.")) else f"model.{rest}"
+        return hf_name
+
+    def skipped(self, name: str) -> bool:
+        return bool(self.ignored.search(name))
+
+    def claims(self, name: str) -> bool:
+        """True for tensors the family plans itself in :meth:`add_block_tensors` (Mixtral's experts)."""
+        return False
+
+    def planned(self, name: str, gguf_name: str, ref: TensorRef) -> PlannedTensor:
+        """One mapped tensor: checked against config.json and given its transform (permutation, offset)."""
+        return self.single(gguf_name, ref)
+
+    def add_block_tensors(self, blocks: list[list[PlannedTensor]], claimed: dict[str, TensorRef]) -> None:
+        """Append what the family builds per block (expert stacks, attention sinks) once every tensor is seen."""
+
+    def check_complete(self, head: list[PlannedTensor], blocks: list[list[PlannedTensor]], tail: list[PlannedTensor]) -> None:
+        """A missing shard shows up here: no embedding, or a block without one of :attr:`block_needs`."""
+        if self.tensor_name(gguf.MODEL_TENSOR.TOKEN_EMBD) not in {t.name for t in head}:
+            raise EdgequantError(self.missing_embedding)
+        for bid, block in enumerate(blocks):
+            have = {t.name for t in block}
+            missing = [n for n in (self.tensor_name(k, bid) for k in self.block_needed(bid, have)) if n not in have]
+            if missing:
+                raise EdgequantError(f"the checkpoint lacks {missing[0]}'s source for layer {bid}; {_INCOMPLETE}")
+
+    def block_needed(self, bid: int, have: set[str]) -> tuple[gguf.MODEL_TENSOR, ...]:
+        return self.block_needs
 
 
 # -- quantization layout ----------------------------------------------------------------------------

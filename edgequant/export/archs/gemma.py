@@ -22,20 +22,15 @@ Layout rules (llama.cpp's ``gemma2`` / ``gemma3`` graphs, read in its ``src/mode
 
 from __future__ import annotations
 
-import re
-
 import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import Architecture, QuantLayout
+from edgequant.export.archs.base import MULTIMODAL_TEXT_PREFIXES, VISION_PARTS, Architecture, QuantLayout
 from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
-_VISION = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|multimodal_projector)\.")
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 # Gemma3ForConditionalGeneration: transformers' modules under model.language_model, checkpoints under either spelling
 _VLM_LAYOUT = QuantLayout(blocks=("model.language_model.layers", "language_model.model.layers"))
@@ -48,13 +43,13 @@ class _Gemma(Architecture):
 
     wide_layer_counts: tuple[int, ...] = ()  # the 27B sizes, where llama.cpp scales queries by hidden/heads
     block_needs = _BLOCK_NEEDS
+    text_prefixes = MULTIMODAL_TEXT_PREFIXES
+    non_text = VISION_PARTS
+    missing_embedding = "the checkpoint has no embed_tokens.weight; it is incomplete (download every shard)"
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)  # the window mode does not apply: llama.cpp's graphs honour it
-        self.n_head = self.positive_int("num_attention_heads")
-        self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
-        self.n_embd = self.positive_int("hidden_size")
-        self.head_dim = self.positive_int("head_dim", default=self.n_embd // self.n_head)
+        self.read_attention_shape()
         self.n_ctx = self.positive_int("max_position_embeddings")
         act = self.hparam("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
         if act not in _GELU_TANH:
@@ -165,44 +160,26 @@ class _Gemma(Architecture):
             n_pieces = len(((self.ckpt.read_json("tokenizer.json") or {}).get("model") or {}).get("vocab") or {})
         return tokenizer_size(self.ckpt, n_pieces, tok_cfg)
 
-    def text_name(self, hf_name: str) -> str | None:
-        """The language model's tensor name (``model.…``, ``lm_head.…``), or None for vision parts."""
-        if _VISION.match(hf_name):
-            return None
-        for prefix in _TEXT_PREFIXES:
-            if hf_name.startswith(prefix):
-                rest = hf_name[len(prefix):]
-                return rest if rest.startswith(("model.", "lm_head.")) else f"model.{rest}"
-        return hf_name
-
     def plan(self) -> list[PlannedTensor]:
-        n_vocab = self.vocab_size()
-        head, tail = [], []
-        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
-        for hf_name, ref in self.ckpt.tensors.items():
-            name = self.text_name(hf_name)
-            if name is None or self.ignored.search(name):
-                continue
-            if name == "lm_head.weight" and self.tied():
-                continue  # the same rows as the embedding
-            gguf_name = self.mapped_name(name)
-            if gguf_name is None or (name == "lm_head.weight" and not gguf_name.startswith("output")):
-                raise self.unexpected(hf_name)
-            part = Part(ref=ref)
-            if name.endswith("norm.weight"):
-                part.offset = 1.0  # HF multiplies by 1 + w
-            elif gguf_name.split(".")[0] in ("token_embd", "output"):
-                part.rows = self._vocab_part(ref, n_vocab)
-            pt = PlannedTensor(name=gguf_name, parts=[part], sources=[ref.name])
-            m = _LAYER.match(name)
-            if m and int(m.group(1)) < self.n_blocks:
-                blocks[int(m.group(1))].append(pt)
-            elif m:
-                raise EdgequantError(f"{hf_name} is in layer {m.group(1)} but config.json has {self.n_blocks} layers")
-            else:
-                (head if gguf_name.startswith("token_embd") else tail).append(pt)
-        self._check_complete(head, blocks)
-        return head + [t for b in blocks for t in b] + tail
+        self._n_vocab = self.vocab_size()  # read the tokenizer once
+        return super().plan()
+
+    def skipped(self, name: str) -> bool:
+        return super().skipped(name) or (name == "lm_head.weight" and self.tied())  # the embedding's rows again
+
+    def mapped_name(self, name: str) -> str | None:
+        gguf_name = super().mapped_name(name)
+        if name == "lm_head.weight" and gguf_name is not None and not gguf_name.startswith("output"):
+            return None
+        return gguf_name
+
+    def planned(self, name: str, gguf_name: str, ref) -> PlannedTensor:
+        part = Part(ref=ref)
+        if name.endswith("norm.weight"):
+            part.offset = 1.0  # HF multiplies by 1 + w
+        elif gguf_name.split(".")[0] in ("token_embd", "output"):
+            part.rows = self._vocab_part(ref, self._n_vocab)
+        return PlannedTensor(name=gguf_name, parts=[part], sources=[ref.name])
 
     def tied(self) -> bool:
         return bool(self.ckpt.config.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)))
@@ -216,16 +193,6 @@ class _Gemma(Architecture):
             self.notes.append(f"{ref.name}: {rows} rows truncated to the tokenizer's {n_vocab} tokens (padding)")
             return (0, n_vocab)
         return None
-
-    def _check_complete(self, head, blocks) -> None:
-        if not head:
-            raise EdgequantError("the checkpoint has no embed_tokens.weight; it is incomplete (download every shard)")
-        for bid, block in enumerate(blocks):
-            have = {t.name for t in block}
-            missing = [n for n in (self.tensor_name(k, bid) for k in self.block_needs) if n not in have]
-            if missing:
-                raise EdgequantError(f"the checkpoint lacks {missing[0]}'s source for layer {bid}; it is incomplete "
-                                     f"(download every shard)")
 
 
 @register("Gemma2ForCausalLM")

@@ -31,7 +31,6 @@ from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
 _EXPERT_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
@@ -43,16 +42,12 @@ NO_SINK = -1e30  # an attention sink whose exp() is 0: the softmax is the plain 
 @register("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM")
 class Llama(Architecture):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
+    permute_qk = True  # llama.cpp runs the llama path with normal (interleaved) RoPE
+    no_exact_window = "--sliding-window exact is not offered for mixture-of-experts models yet"
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
-        self.n_head = self.positive_int("num_attention_heads")
-        self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
-        self.n_embd = self.positive_int("hidden_size")
-        self.head_dim = self.positive_int("head_dim", default=self.n_embd // self.n_head)
-        if self.n_head % self.n_kv_head:
-            raise EdgequantError(f"config.json: num_attention_heads {self.n_head} is not a multiple of "
-                                 f"num_key_value_heads {self.n_kv_head}; fix config.json")
+        self.read_attention_shape()
         rope = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
         self.rope = dict(rope)
         self.rope_theta = float(self.rope.get("rope_theta", self.hparam("rope_theta", default=10000.0)))
@@ -113,13 +108,12 @@ class Llama(Architecture):
                 f"llama.cpp builds before PR #25505 (July 2026) and the Ollama / LM Studio versions that bundle them "
                 f"cannot load it (--sliding-window ignore writes the llama architecture)")
         elif self.window_shorter:
-            how = ("--sliding-window exact is not offered for mixture-of-experts models yet"
-                   if self.sliding_window_mode == "exact" else "--sliding-window exact writes a file that honours it")
+            how = "--sliding-window exact writes a file that honours it" if self.exact_window_possible() else self.no_exact_window
             self.notes.append(
-                f"sliding window {window} < context {n_ctx}: llama.cpp's llama architecture attends to the full "
+                f"sliding window {window} < context {n_ctx}: llama.cpp's {self.arch_name} architecture attends to the full "
                 f"context (it ignores the window, like llama.cpp's own converter); up to {window} tokens the "
                 f"logits equal transformers', beyond that they differ ({how}). Written as "
-                f"llama.attention.sliding_window for information.")
+                f"{self.arch_name}.attention.sliding_window for information.")
 
     def _write_rope_scaling(self, w: gguf.GGUFWriter) -> None:
         kind, factor = self.rope_type, self.rope.get("factor")
@@ -170,50 +164,41 @@ class Llama(Architecture):
 
     # -- tensors ------------------------------------------------------------------------------
 
-    def plan(self) -> list[PlannedTensor]:
-        head: list[PlannedTensor] = []
-        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
-        tail: list[PlannedTensor] = []
-        experts: dict[int, dict] = {}
+    def head_tensors(self) -> list[PlannedTensor]:
         if self.rope_type == "llama3":
-            head.append(PlannedTensor(name=self.tensor_name(T.ROPE_FREQS), parts=[Part(data=self._rope_freqs())]))
+            return [PlannedTensor(name=self.tensor_name(T.ROPE_FREQS), parts=[Part(data=self._rope_freqs())])]
+        return []
 
-        for hf_name, ref in self.ckpt.tensors.items():
-            if self.ignored.search(hf_name):
-                continue
-            m = _PER_EXPERT.match(hf_name) or _FUSED.match(hf_name)
-            if m:
-                experts.setdefault(int(m.group(1)), {})[m.groups()[1:]] = ref
-                continue
-            name = self.mapped_name(hf_name)
-            if name is None:
-                raise self.unexpected(hf_name)
-            part_kw = {}
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                part_kw["permute_heads"] = self._heads(ref, "num_attention_heads", self.n_head)
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                part_kw["permute_heads"] = self._heads(ref, "num_key_value_heads", self.n_kv_head)
-            elif hf_name.endswith("v_proj.weight"):
-                self._heads(ref, "num_key_value_heads", self.n_kv_head)
-            pt = self.single(name, ref, **part_kw)
-            if name.endswith("ffn_gate_inp.weight"):
-                pt.keep_f32 = True
-            lm = _LAYER.match(hf_name)
-            if lm:
-                blocks[int(lm.group(1))].append(pt)
-            elif name.startswith(gguf.TENSOR_NAMES[T.TOKEN_EMBD]):
-                head.insert(0, pt)
-            else:
-                tail.append(pt)
+    def claims(self, name: str) -> bool:
+        return bool(_PER_EXPERT.match(name) or _FUSED.match(name))
 
+    def planned(self, name: str, gguf_name: str, ref) -> PlannedTensor:
+        heads = self.check_heads(name, ref)
+        pt = self.single(gguf_name, ref, permute_heads=heads if self.permute_qk else None)
+        pt.keep_f32 = gguf_name.endswith("ffn_gate_inp.weight")  # the MoE router
+        return pt
+
+    def check_heads(self, name: str, ref) -> int | None:
+        """Projections against config.json's head counts; the head count Q or K rows are permuted by."""
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return self._heads(ref, "num_attention_heads", self.n_head)
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return self._heads(ref, "num_key_value_heads", self.n_kv_head)
+        if name.endswith("v_proj.weight"):
+            self._heads(ref, "num_key_value_heads", self.n_kv_head)
+        return None
+
+    def add_block_tensors(self, blocks, claimed) -> None:
+        experts: dict[int, dict] = {}
+        for name, ref in claimed.items():
+            m = _PER_EXPERT.match(name) or _FUSED.match(name)
+            experts.setdefault(int(m.group(1)), {})[m.groups()[1:]] = ref
         for bid, found in sorted(experts.items()):
             blocks[bid].extend(self._expert_stacks(bid, found))
         if self.exact_window:
             for bid, block in enumerate(blocks):
                 sinks = np.full(self.n_head, NO_SINK, dtype=np.float32)
                 block.append(PlannedTensor(name=self.tensor_name(T.ATTN_SINKS, bid), parts=[Part(data=sinks)], keep_f32=True))
-        self._check_complete(head, blocks, tail)
-        return head + [t for b in blocks for t in b] + tail
 
     def _heads(self, ref, key: str, n: int) -> int:
         """The head count a projection is permuted by, checked against its rows (config.json against the weights)."""
@@ -255,17 +240,6 @@ class Llama(Architecture):
                 raise EdgequantError(f"layer {bid}: found {len(parts[role])} {role} experts, config says {n_expert}")
             out.append(PlannedTensor(name=self.tensor_name(_EXPERT_TENSOR[role], bid), parts=parts[role], sources=sources[role]))
         return out
-
-    def _check_complete(self, head, blocks, tail) -> None:
-        names = {t.name for t in head + tail}
-        if self.tensor_name(T.TOKEN_EMBD) not in names:
-            raise EdgequantError("the checkpoint has no model.embed_tokens.weight; it is incomplete (download every shard)")
-        for bid, b in enumerate(blocks):
-            have = {t.name for t in b}
-            need = [self.tensor_name(k, bid) for k in (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM)]
-            missing = [n for n in need if n not in have]
-            if missing:
-                raise EdgequantError(f"the checkpoint lacks {missing[0]}'s source for layer {bid}; it is incomplete (download every shard)")
 
 
 @register("MixtralForCausalLM")

@@ -33,7 +33,6 @@ from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SPLIT_FFN = re.compile(r"\.mlp\.(gate_proj|up_proj)\.weight$")
 _LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers' Phi3Config maps su and yarn to longrope
 
@@ -49,17 +48,11 @@ class Phi3(Architecture):
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
-        self.n_head = self.positive_int("num_attention_heads")
-        self.n_kv_head = self.positive_int("num_key_value_heads", default=self.n_head)
-        self.n_embd = self.positive_int("hidden_size")
+        self.read_attention_shape()
         self.n_ff = self.positive_int("intermediate_size")
-        self.head_dim = self.positive_int("head_dim", default=self.n_embd // self.n_head)
         if self.head_dim * self.n_head != self.n_embd:
             raise EdgequantError(f"config.json: {self.n_head} heads x head_dim {self.head_dim} != hidden_size {self.n_embd}; "
                                  f"llama.cpp's phi3 graph needs them equal (fix config.json)")
-        if self.n_head % self.n_kv_head:
-            raise EdgequantError(f"config.json: num_attention_heads {self.n_head} is not a multiple of "
-                                 f"num_key_value_heads {self.n_kv_head}; fix config.json")
         self.rope = dict(self.config.get("rope_parameters") or self.config.get("rope_scaling") or {})
         self.rope_theta = float(self.rope.get("rope_theta", self.hparam("rope_theta", default=10000.0)))
         partial = self.rope.get("partial_rotary_factor", self.hparam("partial_rotary_factor", default=1.0))
@@ -129,48 +122,26 @@ class Phi3(Architecture):
 
     # -- tensors ------------------------------------------------------------------------------
 
-    def plan(self) -> list[PlannedTensor]:
-        head: list[PlannedTensor] = self._rope_factors() if self.longrope else []
-        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
-        tail: list[PlannedTensor] = []
-        for hf_name, ref in self.ckpt.tensors.items():
-            if self.ignored.search(hf_name):
-                continue
-            if _SPLIT_FFN.search(hf_name):
-                raise EdgequantError(
-                    f"{hf_name}: this checkpoint stores gate_proj and up_proj separately; llama.cpp's phi3 needs them "
-                    f"fused as mlp.gate_up_proj (gate rows first): re-save the model with transformers' Phi3 class")
-            name = self.mapped_name(hf_name)
-            if name is None:
-                raise self.unexpected(hf_name)
-            self._check_rows(hf_name, ref)
-            pt = self.single(name, ref)
-            lm = _LAYER.match(hf_name)
-            if lm:
-                blocks[int(lm.group(1))].append(pt)
-            elif name.startswith(gguf.TENSOR_NAMES[T.TOKEN_EMBD]):
-                head.insert(0, pt)
-            else:
-                tail.append(pt)
-        self._check_complete(head, blocks)
-        return head + [t for b in blocks for t in b] + tail
+    def head_tensors(self) -> list[PlannedTensor]:
+        return self._rope_factors() if self.longrope else []
 
-    def _check_rows(self, hf_name: str, ref) -> None:
-        """Fused projections must have the rows config.json implies (a wrong head count would silently misroute)."""
+    def mapped_name(self, name: str) -> str | None:
+        if _SPLIT_FFN.search(name):
+            raise EdgequantError(
+                f"{name}: this checkpoint stores gate_proj and up_proj separately; llama.cpp's phi3 needs them "
+                f"fused as mlp.gate_up_proj (gate rows first): re-save the model with transformers' Phi3 class")
+        return super().mapped_name(name)
+
+    def planned(self, name: str, gguf_name: str, ref) -> PlannedTensor:
+        # Fused projections must have the rows config.json implies (a wrong head count would silently misroute).
         expect = {"qkv_proj.weight": (self.n_head + 2 * self.n_kv_head) * self.head_dim,
                   "gate_up_proj.weight": 2 * self.n_ff}
         for suffix, rows in expect.items():
-            if hf_name.endswith(suffix) and ref.shape[0] != rows:
-                raise EdgequantError(f"{hf_name} has {ref.shape[0]} rows but config.json implies {rows}; "
+            if name.endswith(suffix) and ref.shape[0] != rows:
+                raise EdgequantError(f"{name} has {ref.shape[0]} rows but config.json implies {rows}; "
                                      f"config.json does not match the weights")
+        return self.single(gguf_name, ref)
 
-    def _check_complete(self, head, blocks) -> None:
-        if self.tensor_name(T.TOKEN_EMBD) not in {t.name for t in head}:
-            raise EdgequantError("the checkpoint has no model.embed_tokens.weight; it is incomplete (download every shard)")
-        for bid, b in enumerate(blocks):
-            have = {t.name for t in b}
-            attn = [T.ATTN_QKV] if self.tensor_name(T.ATTN_QKV, bid) in have else [T.ATTN_Q, T.ATTN_K, T.ATTN_V]
-            need = [self.tensor_name(k, bid) for k in (T.ATTN_NORM, *attn, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)]
-            missing = [n for n in need if n not in have]
-            if missing:
-                raise EdgequantError(f"the checkpoint lacks {missing[0]}'s source for layer {bid}; it is incomplete (download every shard)")
+    def block_needed(self, bid: int, have: set[str]) -> tuple:
+        attn = (T.ATTN_QKV,) if self.tensor_name(T.ATTN_QKV, bid) in have else (T.ATTN_Q, T.ATTN_K, T.ATTN_V)
+        return (T.ATTN_NORM, *attn, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)

@@ -24,8 +24,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.llama import _LAYER, Llama
-from edgequant.export.plan import PlannedTensor
+from edgequant.export.archs.llama import Llama
 
 T = gguf.MODEL_TENSOR
 
@@ -33,6 +32,7 @@ T = gguf.MODEL_TENSOR
 @register("Qwen2ForCausalLM")
 class Qwen2(Llama):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
+    permute_qk = False  # NEOX RoPE: Q/K as HF stores them
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
@@ -78,40 +78,21 @@ class Qwen2(Llama):
                 f"{self.n_blocks} layers (use_sliding_window true): llama.cpp's {self.arch_name} attends to the full "
                 f"context; up to {self.sliding_window} tokens the logits equal transformers', beyond that they differ")
 
-    def plan(self) -> list[PlannedTensor]:
-        head: list[PlannedTensor] = []
-        blocks: list[list[PlannedTensor]] = [[] for _ in range(self.n_blocks)]
-        tail: list[PlannedTensor] = []
-        for hf_name, ref in self.ckpt.tensors.items():
-            if self.ignored.search(hf_name):
-                continue
-            name = self.mapped_name(hf_name)
-            if name is None:
-                raise self.unexpected(hf_name)
-            self._check_shape(hf_name, ref)
-            pt = self.single(name, ref)
-            lm = _LAYER.match(hf_name)
-            if lm:
-                blocks[int(lm.group(1))].append(pt)
-            elif name.startswith(gguf.TENSOR_NAMES[T.TOKEN_EMBD]):
-                head.insert(0, pt)
-            else:
-                tail.append(pt)
-        self._check_complete(head, blocks, tail)
-        return head + [t for b in blocks for t in b] + tail
+    def claims(self, name: str) -> bool:
+        return False  # no experts in a dense Qwen: such a tensor has no place
 
-    def _check_shape(self, hf_name: str, ref) -> None:
+    def check_heads(self, name: str, ref) -> None:
         """Projections against config.json's head counts (a mismatch is caught here, not by llama.cpp)."""
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             self._heads(ref, "num_attention_heads", self.n_head)
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+        elif name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
             self._heads(ref, "num_key_value_heads", self.n_kv_head)
-        elif hf_name.endswith(("q_norm.weight", "k_norm.weight")) and ref.shape[0] != self.head_dim:
-            raise EdgequantError(f"{hf_name} has {ref.shape[0]} weights but config.json gives head_dim "
+        elif name.endswith(("q_norm.weight", "k_norm.weight")) and ref.shape[0] != self.head_dim:
+            raise EdgequantError(f"{name} has {ref.shape[0]} weights but config.json gives head_dim "
                                  f"{self.head_dim}; config.json does not match the weights")
 
-    def _check_complete(self, head, blocks, tail) -> None:
-        super()._check_complete(head, blocks, tail)
+    def check_complete(self, head, blocks, tail) -> None:
+        super().check_complete(head, blocks, tail)
         if self.gguf_arch == gguf.MODEL_ARCH.QWEN2:
             have = {t.name for b in blocks for t in b}
             for bid in range(self.n_blocks):
@@ -134,8 +115,8 @@ class Qwen3(Qwen2):
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
 
-    def _check_complete(self, head, blocks, tail) -> None:
-        super()._check_complete(head, blocks, tail)
+    def check_complete(self, head, blocks, tail) -> None:
+        super().check_complete(head, blocks, tail)
         for bid, block in enumerate(blocks):
             have = {t.name for t in block}
             for key in (T.ATTN_Q_NORM, T.ATTN_K_NORM):
