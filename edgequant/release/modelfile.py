@@ -1,8 +1,9 @@
 """The release's Ollama ``Modelfile``, rendered from its manifest.
 
 The Modelfile points ``FROM`` at one GGUF of the release and carries a ``TEMPLATE`` in Ollama's Go
-template syntax for the chat families in ``OLLAMA_FAMILIES`` (ChatML, Mistral ``[INST]``, Llama 3),
-their stop tokens, and the system prompt the chat template inserts when a conversation has none.
+template syntax for the chat families in ``OLLAMA_FAMILIES`` (ChatML, ChatML with Qwen3's ``<think>``
+switch, Mistral ``[INST]``, Llama 3, Gemma turns, Phi-3 ``<|user|>``), their stop tokens, and the
+system prompt the chat template inserts when a conversation has none.
 For any other template it leaves the template out, and Ollama derives one from the GGUF's
 ``tokenizer.chat_template``.
 """
@@ -65,10 +66,71 @@ _LLAMA3 = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
 {{ end }}
 {{- end }}"""
 
-OLLAMA_FAMILIES = {
+# ChatML with a thinking switch (Qwen3): the generation prompt is ChatML's; Ollama's think=false adds the
+# empty <think></think> block enable_thinking=false renders. History keeps only the answers (.Content; Ollama
+# parses the thinking into .Thinking), as the Jinja template strips it before the last user message; a
+# last assistant message being continued gets its thinking block, as in the Jinja template. Mentioning
+# .Thinking between <think> and </think> is what makes Ollama treat the model as a thinking one.
+_CHATML_THINK = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if $last }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ if and $.IsThinkSet (not $.Think) }}<think>
+
+</think>
+
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+# Gemma: no system turn; the system prompt opens the first user turn, followed by a blank line (Gemma 3's
+# templates; Gemma 2's refuse a system message, so this is the nearest prompt). The assistant is "model".
+# The Jinja templates trim each message; Go templates cannot, so the content goes in as Ollama has it.
+_GEMMA = """{{- $system := .System }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if $system }}{{ $system }}
+
+{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+# Phi-3: <|system|>, <|user|>, <|assistant|> turns closed by <|end|>. NL is the newline after each role tag
+# and after <|end|> (Phi-3 and 3.5 write it; Phi-4-mini does not), read from the example. No trimming action
+# ({{-) follows an NL: it would eat the newline.
+_PHI3 = """{{- if .System }}<|system|>NL{{ .System }}<|end|>NL{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|user|>NL{{ .Content }}<|end|>NL{{ else if eq .Role "assistant" }}<|assistant|>NL{{ .Content }}
+{{- if not $last }}<|end|>NL{{ end }}{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|assistant|>NL{{ end }}
+{{- end }}"""
+
+OLLAMA_FAMILIES = {  # family -> its stop tokens
     "chatml": ["<|im_end|>", "<|im_start|>"],
+    "chatml-think": ["<|im_end|>", "<|im_start|>"],
     "mistral": ["[INST]", "[/INST]", "</s>"],
     "llama3": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+    "gemma": ["<end_of_turn>", "<start_of_turn>"],
+    "phi3": ["<|end|>", "<|user|>", "<|assistant|>"],
 }
 
 
@@ -94,8 +156,13 @@ def chat_family(chat_template: ChatTemplate | Mapping[str, Any] | None) -> str |
 
 def family_of(template: str) -> str | None:
     """The family a Jinja chat template belongs to, recognised from its markers; None for any other."""
-    if "<|im_start|>" in template:
-        return "chatml"
+    if "<|im_start|>" in template:  # Qwen3's switch: enable_thinking false renders an empty <think></think>
+        return "chatml-think" if "enable_thinking" in template and "</think>" in template else "chatml"
+    if "<start_of_turn>" in template and "<end_of_turn>" in template:
+        return "gemma"
+    if all(tag in template for tag in ("<|user|>", "<|assistant|>", "<|end|>")) or (
+            "'<|' + message['role'] + '|>'" in template and "<|end|>" in template):  # Phi-4-mini builds the tag
+        return "phi3"
     if "<|start_header_id|>" in template and "Cutting Knowledge" not in template:  # 3.1+ add a dated system header
         return "llama3"
     if "[INST]" in template and "<<SYS>>" not in template:  # Llama 2's [INST] <<SYS>> is another format
@@ -107,6 +174,12 @@ def ollama_template(family: str, example: str | None = None) -> str:
     """The Go template for a family in ``OLLAMA_FAMILIES``."""
     if family == "chatml":
         return _CHATML
+    if family == "chatml-think":
+        return _CHATML_THINK
+    if family == "gemma":
+        return _GEMMA
+    if family == "phi3":
+        return _PHI3.replace("NL", "\n" if example is None or "<|end|>\n" in example else "")
     if family == "llama3":
         return _LLAMA3
     if family == "mistral":
@@ -125,7 +198,7 @@ def default_system_prompt(chat_template: ChatTemplate | None) -> str | None:
         return None
     if ct.default_system is not None:
         return ct.default_system or None
-    if chat_family(ct) != "chatml" or not ct.template:
+    if chat_family(ct) not in ("chatml", "chatml-think") or not ct.template:
         return None
     try:
         from edgequant.export.template import render

@@ -1,0 +1,131 @@
+"""Releases of the dense families (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal class, Phi-3), and their
+Ollama Modelfiles checked against the real chat templates (llama.cpp's models/templates/) rendered by Jinja.
+
+The Go templates are evaluated by tests/go_template.py with the values Ollama passes (system messages stay
+in .Messages and are joined into .System; a Modelfile SYSTEM is prepended as a system message when the
+conversation has none); BOS is Ollama's to add, so a template's leading bos_token is left out of the
+comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers.utils.chat_template_utils import render_jinja_template
+
+import fixtures_gemma
+import fixtures_phi
+import fixtures_qwen
+from edgequant.llamacpp_tools import vendored
+from edgequant.release import modelfile as M
+from edgequant.release.manifest import ChatTemplate
+from go_template import render_go
+
+SYS = {"role": "system", "content": "You are a concise assistant."}
+U1, A1, U2 = ({"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+              {"role": "user", "content": "Name three primes."})
+CONVERSATIONS = {
+    "system + user": [SYS, U2],
+    "user": [U2],
+    "multi-turn": [U1, A1, U2],
+    "system + multi-turn": [SYS, U1, A1, U2],
+}
+
+# (template source, BOS its bos_token renders, the family, its default system prompt)
+TEMPLATES = {
+    "qwen2.5": (fixtures_qwen.QWEN2_TEMPLATE, "", "chatml", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "qwen3": (fixtures_qwen.QWEN3_TEMPLATE, "", "chatml-think", None),
+    "gemma2": ("models/templates/google-gemma-2-2b-it.jinja", "<bos>", "gemma", None),
+    "gemma3": (fixtures_gemma.GEMMA3_CHAT_TEMPLATE, "<bos>", "gemma", None),
+    "phi3.5": ("models/templates/microsoft-Phi-3.5-mini-instruct.jinja", "<s>", "phi3", None),
+    "phi4-mini": (fixtures_phi.PHI4_MINI_TEMPLATE, "", "phi3", None),
+}
+
+
+def _template(source: str) -> str:
+    return vendored(source).read_text(encoding="utf-8") if source.startswith("models/") else source
+
+
+def jinja(template: str, messages: list[dict], bos: str, **kw) -> str:
+    """The Jinja render (transformers' renderer), without the leading BOS Ollama adds itself."""
+    kw.setdefault("add_generation_prompt", not kw.get("continue_final_message"))
+    text = render_jinja_template(conversations=[messages], chat_template=template, bos_token=bos,
+                                 eos_token="<|endoftext|>", **kw)[0][0]
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def ollama(tpl: str, messages: list[dict], default_system: str | None, **kw) -> str:
+    """The Go template rendered with what Ollama passes for this conversation."""
+    if default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return render_go(tpl, system=system, messages=messages, **kw)
+
+
+def _go_template(name: str) -> tuple[str, str, str | None]:
+    source, bos, family, default = TEMPLATES[name]
+    template = _template(source)
+    example = jinja(template, [SYS, U2] if family != "gemma" or "System role not supported" not in template else [U2], bos)
+    ct = ChatTemplate(template=template, example=example, eos_tokens=["<|im_end|>"] if "chatml" in family else [])
+    assert M.family_of(template) == family and M.chat_family(ct) == family
+    assert M.default_system_prompt(ct) == default
+    return template, M.ollama_template(family, example), default
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_modelfile_template_renders_as_the_jinja_template(name):
+    template, tpl, default = _go_template(name)
+    bos = TEMPLATES[name][1]
+    for conv, messages in CONVERSATIONS.items():
+        try:
+            expected = jinja(template, messages, bos)
+        except Exception:  # noqa: BLE001 - Gemma 2 refuses a system message: compared with Gemma 3's below
+            assert name == "gemma2" and messages[0]["role"] == "system", conv
+            continue
+        assert ollama(tpl, messages, default) == expected, conv
+    # a last assistant message stays open for Ollama to continue it
+    continued = [U1, A1, U2, {"role": "assistant", "content": "Two,"}]
+    assert ollama(tpl, continued, default) == jinja(template, continued, bos, continue_final_message=True)
+
+
+def test_gemma2_gets_gemma3s_system_prompt():
+    """Gemma 2's template refuses a system message; the Modelfile folds it into the first user turn as Gemma 3 does."""
+    _, tpl2, _ = _go_template("gemma2")
+    gemma3 = _template(TEMPLATES["gemma3"][0])
+    for messages in (CONVERSATIONS["system + user"], CONVERSATIONS["system + multi-turn"]):
+        assert ollama(tpl2, messages, None) == jinja(gemma3, messages, "<bos>")
+
+
+def test_qwen3_thinking():
+    """Ollama's think switch renders as enable_thinking; history answers come without their thinking."""
+    template, tpl, _ = _go_template("qwen3")
+    for think in (True, False):
+        assert ollama(tpl, CONVERSATIONS["multi-turn"], None, think=think) == jinja(
+            template, CONVERSATIONS["multi-turn"], "", enable_thinking=think)
+    # Jinja strips the thinking from earlier answers; Ollama has parsed it into .Thinking
+    thought = {"role": "assistant", "content": "<think>\nHe greets me.\n</think>\n\nHello. How can I help?"}
+    go_msg = {"role": "assistant", "content": "Hello. How can I help?", "thinking": "He greets me."}
+    assert ollama(tpl, [U1, go_msg, U2], None) == jinja(template, [U1, thought, U2], "")
+    # a continued last answer keeps its thinking block
+    last = {"role": "assistant", "content": "<think>\nSmall ones.\n</think>\n\nTwo,"}
+    go_last = {"role": "assistant", "content": "Two,", "thinking": "Small ones."}
+    assert ollama(tpl, [U1, A1, U2, go_last], None) == jinja(template, [U1, A1, U2, last], "",
+                                                             continue_final_message=True)
+
+
+@pytest.mark.parametrize("family", ["chatml-think", "gemma", "phi3"])
+def test_modelfile_stops_and_template(family):
+    name = {"chatml-think": "qwen3", "gemma": "gemma3", "phi3": "phi3.5"}[family]
+    template, tpl, _ = _go_template(name)
+    ct = {"template": template, "family": None, "eos_tokens": ["<eos>"], "example": None}
+    mf = M.render_modelfile({"name": "Tiny", "chat_template": ct, "artifacts": []}, "Tiny-Q4_K_M.gguf")
+    assert f'TEMPLATE """{tpl}"""' in mf and f"Chat template ({family})" in mf
+    for stop in [*M.OLLAMA_FAMILIES[family], "<eos>"]:
+        assert f'PARAMETER stop {json.dumps(stop)}' in mf
+
+
+def test_go_evaluator_assignment_persists_across_range():
+    tpl = '{{- $s := .System }}{{ range $i, $_ := .Messages }}{{ if $s }}[{{ $s }}]{{ $s = "" }}{{ end }}{{ .Content }}{{ end }}'
+    assert render_go(tpl, system="S", messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "[S]ab"
