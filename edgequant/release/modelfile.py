@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import parse_shard_name
-from edgequant.release.manifest import ChatTemplate, Manifest, as_manifest
+from edgequant.release.manifest import ChatTemplate, GGUFArtifact, Manifest, as_manifest
 from edgequant.release.template_gate import CONVERSATIONS
 
 # Go templates for Ollama. The system prompt comes from .System (Ollama also fills it from SYSTEM and from
@@ -226,9 +226,10 @@ def render_modelfile(manifest: Manifest | Mapping[str, Any], gguf_file: str) -> 
     if parse_shard_name(gguf_file):
         lines.append("# This GGUF is split in parts; if Ollama refuses it, merge the parts with llama-gguf-split --merge "
                      "and point FROM at the merged file.")
-    if any(getattr(a, "sliding_window", None) == "exact" and a.path == gguf_file for a in m.models):
-        lines.append("# This GGUF is llama.cpp's granite_swa architecture (the model's sliding window kept): it needs an "
-                     "Ollama whose llama.cpp includes PR #25505 (July 2026 or later).")
+    gguf = next((a for a in m.models if isinstance(a, GGUFArtifact) and a.path == gguf_file), None)
+    if gguf is not None and gguf.notes:  # the converter's word on the file: which runtimes load it, what differs
+        lines.append("# Conversion notes:")
+        lines += ["# - " + " ".join(n.split()) for n in gguf.notes]
     lines.append(f"FROM ./{gguf_file}")
     lines += _template_lines(ct)
     family = chat_family(ct)

@@ -382,12 +382,14 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
     """The base (when kept), the imatrix, each GGUF and each GPTQ artifact, with their measured metrics."""
     recs = run.st.data["artifacts"]
     arts: list = []
-    window = recs["base"]["result"].get("sliding_window")  # every GGUF is quantized from the base
+    base = recs["base"]["result"]  # every GGUF is quantized from the base: its converter facts are theirs
+    conv = {"sliding_window": base.get("sliding_window"), "architecture": base.get("architecture"),
+            "notes": list(base.get("notes") or [])}
     if r.keep_base:
         res = recs["base"]["result"]
         arts.append(GGUFArtifact(**_files(run, "base"), type=res["type"], bits_per_weight=res["bits_per_weight"],
                                  fallbacks=fallback_list(res["fallbacks"]), options={"outtype": res["type"].lower()},
-                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True), sliding_window=window))
+                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True), **conv))
     if "imatrix" in recs and r.needs_imatrix:
         res = recs["imatrix"]["result"]
         arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"]))
@@ -396,7 +398,7 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,
                                  bits_per_weight=res["bits_per_weight"], imatrix=v.imatrix,
                                  fallbacks=fallback_list(res["fallbacks"]), options=v.to_dict(),
-                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), sliding_window=window))
+                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), **conv))
     for v in r.gptq:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],

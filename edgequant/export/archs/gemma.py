@@ -173,6 +173,11 @@ class _Gemma(Architecture):
                 return rest if rest.startswith(("model.", "lm_head.")) else f"model.{rest}"
         return hf_name
 
+    def mapped_name(self, hf_name: str) -> str | None:
+        """The GGUF name of a text-model tensor under any multimodal prefix (the imatrix hooks ask by module name)."""
+        text = self.text_name(hf_name)
+        return None if text is None else super().mapped_name(text)
+
     def plan(self) -> list[PlannedTensor]:
         n_vocab = self.vocab_size()
         head, tail = [], []
