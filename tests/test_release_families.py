@@ -19,6 +19,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 import fixtures_gemma
 import fixtures_phi
 import fixtures_qwen
+from edgequant.errors import EdgequantError
 from edgequant.llamacpp_tools import vendored
 from edgequant.release import modelfile as M
 from edgequant.release.manifest import ChatTemplate
@@ -199,7 +200,7 @@ def test_release_of_family(hf_class, tmp_path):
     assert ("# Conversion notes:" in mf) == bool(base.get("notes"))
 
 
-@pytest.mark.xfail(strict=True, reason="edgequant gptq refuses these classes today; remove them from the list when it works")
+@pytest.mark.xfail(strict=True, raises=EdgequantError, reason="edgequant gptq refuses these classes today; remove them from the list when it works")
 @pytest.mark.parametrize("hf_class", sorted(c for c, v in RELEASES.items() if not v[3]))
 def test_gptq_refused_today(hf_class, tmp_path):
     from edgequant.gptq_load import load_gptq_model
