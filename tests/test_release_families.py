@@ -23,6 +23,7 @@ from edgequant.errors import EdgequantError
 from edgequant.llamacpp_tools import vendored
 from edgequant.release import modelfile as M
 from edgequant.release.manifest import ChatTemplate
+from edgequant.release.template_gate import CONVERSATIONS as GATE_CONVERSATIONS
 from go_template import render_go
 
 SYS = {"role": "system", "content": "You are a concise assistant."}
@@ -50,12 +51,21 @@ def _template(source: str) -> str:
     return vendored(source).read_text(encoding="utf-8") if source.startswith("models/") else source
 
 
-def jinja(template: str, messages: list[dict], bos: str, **kw) -> str:
+def jinja(template: str, messages: list[dict], bos: str, strip_bos: bool = True, **kw) -> str:
     """The Jinja render (transformers' renderer), without the leading BOS Ollama adds itself."""
     kw.setdefault("add_generation_prompt", not kw.get("continue_final_message"))
     text = render_jinja_template(conversations=[messages], chat_template=template, bos_token=bos,
                                  eos_token="<|endoftext|>", **kw)[0][0]
-    return text[len(bos):] if bos and text.startswith(bos) else text
+    return text[len(bos):] if strip_bos and bos and text.startswith(bos) else text
+
+
+def example(template: str, bos: str) -> str:
+    """The manifest's example, as the release renders it (template_gate.example_prompt)."""
+    messages = GATE_CONVERSATIONS["system + user"]
+    try:
+        return jinja(template, messages, bos, strip_bos=False)
+    except Exception:  # noqa: BLE001 - the template refuses a system message
+        return jinja(template, messages[1:], bos, strip_bos=False)
 
 
 def ollama(tpl: str, messages: list[dict], default_system: str | None, **kw) -> str:
@@ -69,11 +79,11 @@ def ollama(tpl: str, messages: list[dict], default_system: str | None, **kw) -> 
 def _go_template(name: str) -> tuple[str, str, str | None]:
     source, bos, family, default = TEMPLATES[name]
     template = _template(source)
-    example = jinja(template, [SYS, U2] if family != "gemma" or "System role not supported" not in template else [U2], bos)
-    ct = ChatTemplate(template=template, example=example, eos_tokens=["<|im_end|>"] if "chatml" in family else [])
+    shown = example(template, bos)
+    ct = ChatTemplate(template=template, example=shown, bos=bos or None, eos_tokens=["<|im_end|>"] if "chatml" in family else [])
     assert M.family_of(template) == family and M.chat_family(ct) == family
     assert M.default_system_prompt(ct) == default
-    return template, M.ollama_template(family, example), default
+    return template, M.ollama_template(family, shown), default
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -208,3 +218,23 @@ def test_gptq_refused_today(hf_class, tmp_path):
 
     done = gptq(RELEASES[hf_class][0](), [4], tmp_path, GPTQOptions(samples=4, seq_len=32, group_size=32))[0]
     load_gptq_model(done.folder)
+
+
+@pytest.mark.parametrize("source", ["HuggingFaceTB-SmolLM3-3B", "Qwen3.5-4B", "Qwen-QwQ-32B", "mistralai-Mistral-Nemo-Instruct-2407"])
+def test_variants_we_do_not_translate_get_no_template(source):
+    """Their markers look like a family's, their prompts are not (a metadata system block, an opened <think>,
+    no space after [INST]): the example check keeps the wrong TEMPLATE out and Ollama uses the GGUF's own."""
+    template = _template(f"models/templates/{source}.jinja")
+    ct = {"template": template, "family": M.family_of(template), "example": example(template, "<s>"), "bos": "<s>"}
+    assert ct["family"] is not None and M.chat_family(ct) is None
+    mf = M.render_modelfile({"name": "Tiny", "chat_template": ct, "artifacts": []}, "x.gguf")
+    assert "# No TEMPLATE" in mf and 'TEMPLATE """' not in mf
+
+
+@pytest.mark.parametrize("family", sorted(M.OLLAMA_FAMILIES))
+def test_family_prompt_is_what_the_go_template_renders(family):
+    for ex in ("", "[INST] S\n\nU[/INST]", "<|user|>U<|end|><|assistant|>"):
+        tpl = M.ollama_template(family, ex or None)
+        for system in ("S", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "U"}]
+            assert render_go(tpl, system=system or "", messages=messages) == M.family_prompt(family, system, "U", ex)

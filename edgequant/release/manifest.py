@@ -285,7 +285,7 @@ class ChatTemplate:
     eos_tokens: list[str] = field(default_factory=list)
     bos: str | None = None
     checks: dict[str, list[dict]] = field(default_factory=dict)  # GGUF file -> one record per conversation
-    family: str | None = None  # chatml, mistral, llama3 (edgequant.release.modelfile)
+    family: str | None = None  # a key of edgequant.release.modelfile.OLLAMA_FAMILIES, or None
     default_system: str | None = None  # None: read from the template; "": it has none
 
     @classmethod

@@ -145,13 +145,42 @@ def _chat(chat_template: ChatTemplate | Mapping[str, Any] | None) -> ChatTemplat
 
 
 def chat_family(chat_template: ChatTemplate | Mapping[str, Any] | None) -> str | None:
-    """The manifest's family when we know it, else one recognised from the Jinja source; None otherwise."""
+    """The manifest's family when we know it, else one recognised from the Jinja source; None otherwise,
+    and None when the source's rendered example is not the family's prompt (a variant we do not translate)."""
     ct = _chat(chat_template)
     if ct is None:
         return None
-    if ct.family:
-        return ct.family.lower() if ct.family.lower() in OLLAMA_FAMILIES else None
-    return family_of(ct.template or "")
+    family = ct.family.lower() if ct.family else family_of(ct.template or "")
+    if family not in OLLAMA_FAMILIES:
+        return None
+    return family if not ct.example or renders_example(family, ct.example, ct.bos) else None
+
+
+def family_prompt(family: str, system: str | None, user: str, example: str = "") -> str:
+    """What the family's Ollama template renders for one user message (after a system prompt, if any),
+    BOS aside; ``example`` decides the spacing variants, as in :func:`ollama_template`."""
+    sys_first = f"{system}\n\n" if system else ""
+    if family in ("chatml", "chatml-think"):
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if family == "llama3":
+        def h(role: str) -> str:
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        return (f"{h('system')}{system}<|eot_id|>" if system else "") + f"{h('user')}{user}<|eot_id|>{h('assistant')}"
+    if family == "mistral":
+        return f"[INST] {sys_first}{user}{' [/INST]' if ' [/INST]' in example or not example else '[/INST]'}"
+    if family == "gemma":
+        return f"<start_of_turn>user\n{sys_first}{user}<end_of_turn>\n<start_of_turn>model\n"
+    nl = "\n" if "<|end|>\n" in example or not example else ""
+    return (f"<|system|>{nl}{system}<|end|>{nl}" if system else "") + f"<|user|>{nl}{user}<|end|>{nl}<|assistant|>{nl}"
+
+
+def renders_example(family: str, example: str, bos: str | None = None) -> bool:
+    """Whether the source template's rendering of the example conversation (system + user, or the user
+    message alone when the template refuses a system message) is the family's prompt, BOS aside."""
+    system, user = (m["content"] for m in CONVERSATIONS["system + user"])
+    expected = family_prompt(family, system if system in example else None, user, example)
+    return example.endswith(expected) and example[:-len(expected)] in ("", bos or "")
 
 
 def family_of(template: str) -> str | None:

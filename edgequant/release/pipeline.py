@@ -358,14 +358,15 @@ def _source(run: _Run, r: Recipe) -> Source:
 
 def _chat_template(run: _Run) -> ChatTemplate:
     """The source tokenizer's chat template, a rendered example, its stop tokens and the template gate's records."""
-    from edgequant.release.modelfile import family_of
+    from edgequant.release.modelfile import chat_family
     from edgequant.release.template_gate import example_prompt
 
     tok = run.tokenizer
     template = getattr(tok, "chat_template", None)
-    return ChatTemplate(template=template, example=example_prompt(tok) if template else None,
-                        eos_tokens=[tok.eos_token] if tok.eos_token else [], bos=tok.bos_token,
-                        checks=run.template_checks, family=family_of(template or ""))
+    ct = ChatTemplate(template=template, example=example_prompt(tok) if template else None,
+                      eos_tokens=[tok.eos_token] if tok.eos_token else [], bos=tok.bos_token, checks=run.template_checks)
+    ct.family = chat_family(ct)  # recognised from the markers and confirmed on the example
+    return ct
 
 
 def _files(run: _Run, art: str) -> dict:
