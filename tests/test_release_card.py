@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from edgequant.release import card as C
 from edgequant.release import modelfile as M
+from go_template import render_go
 from edgequant.release.recipe import recipe_from_dict
 
 SMOL_TEMPLATE = (
@@ -318,10 +319,10 @@ def test_modelfile_llama3_and_unknown_family():
     assert render_go(tpl, system="S", messages=[{"role": "user", "content": "U"}]) == (
         "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    m["chat_template"] = {"template": "{{ '<start_of_turn>' }}", "family": "gemma", "eos_tokens": ["<end_of_turn>"]}
+    m["chat_template"] = {"template": "{{ '<|turn>' }}", "family": "zephyr", "eos_tokens": ["<turn|>"]}
     mf = M.render_modelfile(m, "Tiny-00001-of-00002.gguf")
     assert "TEMPLATE" not in mf.replace("No TEMPLATE", "").replace("add a TEMPLATE", "")
-    assert "tokenizer.chat_template" in mf and 'PARAMETER stop "<end_of_turn>"' in mf
+    assert "tokenizer.chat_template" in mf and 'PARAMETER stop "<turn|>"' in mf
     assert "llama-gguf-split --merge" in mf
     m["chat_template"] = None
     mf = M.render_modelfile(m, "x.gguf")
@@ -336,123 +337,7 @@ def test_default_system_from_manifest_wins():
     assert 'SYSTEM """Be brief."""' in M.render_modelfile(m, "x.gguf")
 
 
-# -- a tiny Go text/template evaluator: just what the Modelfile templates use -----------------------------
-# (range $i, $_ := .Messages; if/else if/end; eq, ne, and, not, len, slice; $ and $var; {{- -}} trimming)
-
-
-def render_go(template: str, *, system: str, messages: list[dict]) -> str:
-    tokens = []
-    pos = 0
-    for mt in re.finditer(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", template, re.S):
-        tokens.append(("text", template[pos:mt.start()]))
-        tokens.append(("action", mt.group(2), mt.group(1) == "-", mt.group(3) == "-"))
-        pos = mt.end()
-    tokens.append(("text", template[pos:]))
-    for i, t in enumerate(tokens):  # trim markers eat the neighbouring whitespace
-        if t[0] == "action":
-            if t[2]:
-                tokens[i - 1] = ("text", tokens[i - 1][1].rstrip())
-            if t[3]:
-                tokens[i + 1] = ("text", tokens[i + 1][1].lstrip())
-
-    def parse(i, stop=("end",)):
-        nodes = []
-        while i < len(tokens):
-            t = tokens[i]
-            if t[0] == "text":
-                nodes.append(("text", t[1]))
-                i += 1
-                continue
-            a = t[1]
-            word = a.split()[0]
-            if word in stop or a.startswith("else"):
-                return nodes, i
-            if word == "if":
-                branches = []
-                cond = a[3:]
-                while True:
-                    body, i = parse(i + 1)
-                    branches.append((cond, body))
-                    a = tokens[i][1]
-                    if a == "end":
-                        break
-                    cond = a[8:] if a.startswith("else if") else "true"
-                nodes.append(("if", branches))
-                i += 1
-            elif word == "range":
-                body, i = parse(i + 1)
-                nodes.append(("range", a))
-                nodes[-1] = ("range", a, body)
-                i += 1
-            elif ":=" in a:
-                var, expr = a.split(":=", 1)
-                nodes.append(("set", var.strip(), expr.strip()))
-                i += 1
-            else:
-                nodes.append(("expr", a))
-                i += 1
-        return nodes, i
-
-    root = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-
-    def split_args(s):
-        out, depth, cur = [], 0, ""
-        for ch in s:
-            if ch == "(":
-                depth += 1
-            if ch == ")":
-                depth -= 1
-            if ch == " " and depth == 0:
-                if cur:
-                    out.append(cur)
-                cur = ""
-            else:
-                cur += ch
-        return out + ([cur] if cur else [])
-
-    def ev(expr, dot, env):
-        args = split_args(expr.strip())
-        if len(args) > 1:
-            fn, rest = args[0], [ev(x, dot, env) for x in args[1:]]
-            return {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "and": lambda *x: all(x),
-                    "not": lambda a: not a, "len": len, "slice": lambda s, i: s[i:]}[fn](*rest)
-        a = args[0]
-        if a.startswith("("):
-            return ev(a[1:-1], dot, env)
-        if a.startswith('"'):
-            return a[1:-1]
-        if a == "true":
-            return True
-        if a.startswith("$."):
-            return root[a[2:]]
-        if a.startswith("$"):
-            return env[a]
-        if a.startswith("."):
-            return dot[a[1:]]
-        return int(a)
-
-    def run(nodes, dot, env):
-        out = ""
-        for n in nodes:
-            if n[0] == "text":
-                out += n[1]
-            elif n[0] == "expr":
-                out += str(ev(n[1], dot, env))
-            elif n[0] == "set":
-                env[n[1]] = ev(n[2], dot, env)
-            elif n[0] == "if":
-                for cond, body in n[1]:
-                    if ev(cond, dot, env):
-                        out += run(body, dot, env)
-                        break
-            elif n[0] == "range":
-                m = re.match(r"range (\$\w+), (\$\w+) := (.+)", n[1])
-                for idx, item in enumerate(ev(m.group(3), dot, env)):
-                    out += run(n[2], item, {**env, m.group(1): idx, m.group(2): item})
-        return out
-
-    nodes, _ = parse(0)
-    return run(nodes, root, {})
+# -- the Go template evaluator (tests/go_template.py) ------------------------------------------------
 
 
 def test_go_evaluator_sanity():

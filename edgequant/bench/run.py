@@ -243,10 +243,10 @@ def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: Be
                 backends[r.model] = open_backend(r.model, device=device, threads=threads, ctx=o.ctx,
                                                  flash_attn=o.flash_attn, n_seq=n_seq, kind=r.kind)
                 bar.advance(1)
-        batches = _same_tokens(order, backends, corpus, o)
+        batches, n_vocab = _same_tokens(order, backends, corpus, o)
         # a lone file picked as its own reference gets PPL only (llama-perplexity's default mode)
         kld_ref = ref_row if len(order) > 1 or o.reference is not None else None
-        accs, seconds = _score(order, backends, batches, kld_ref, o.ctx // 2, n_seq)
+        accs, seconds = _score(order, backends, batches, kld_ref, o.ctx // 2, n_seq, n_vocab)
     finally:
         for b in backends.values():
             b.close()
@@ -261,17 +261,20 @@ def _quality(rows: list[ModelRow], ref_row: ModelRow | None, corpus: Text, o: Be
     return len(batches)
 
 
-def _same_tokens(order: list[ModelRow], backends: dict, corpus: Text, o: BenchOptions) -> list[list[int]]:
-    """The chunks of the text as the first model tokenizes it; every other model must have the same
-    vocabulary size and give the same ids (and BOS policy) on the part that is scored."""
+def _same_tokens(order: list[ModelRow], backends: dict, corpus: Text, o: BenchOptions) -> tuple[list[list[int]], int]:
+    """The chunks of the text as the first model tokenizes it, and the vocabulary the rows are compared on:
+    every model must give the same ids (and BOS policy) on the part that is scored. A model with more
+    output rows than another (an HF checkpoint whose embedding is padded past its tokenizer, a GGUF the
+    converter trimmed, as Gemma 3's) is compared on the tokens both have, when the text uses no other."""
     first_row = order[0]
     lead = backends[first_row.model]
     ids = lead.tokenize(corpus.text)
     batches = chunk_ids(ids, o.ctx, o.chunks, lead.info.bos_id, minimum=2)
     used = len(batches) * o.ctx
+    n_vocab = min(backends[r.model].info.n_vocab for r in order)
     for r in order[1:]:
         b = backends[r.model]
-        if b.info.n_vocab != lead.info.n_vocab:
+        if b.info.n_vocab != lead.info.n_vocab and max(ids[:used]) >= n_vocab:
             raise EdgequantError(
                 f"{r.name} has a vocabulary of {b.info.n_vocab} tokens and {first_row.name} of {lead.info.n_vocab}; "
                 f"rows are only comparable on one vocabulary: bench them in separate runs"
@@ -279,11 +282,11 @@ def _same_tokens(order: list[ModelRow], backends: dict, corpus: Text, o: BenchOp
         own = b.tokenize(corpus.text)
         if own[:used] != ids[:used] or b.info.add_bos != lead.info.add_bos:
             raise _token_mismatch(r.name, first_row.name, own[:used], ids[:used])
-    return batches
+    return batches, n_vocab
 
 
 def _score(order: list[ModelRow], backends: dict, batches: list[list[int]], ref_row: ModelRow | None,
-           first: int, n_seq: int) -> tuple[dict[str, QualityAccumulator], dict[str, float]]:
+           first: int, n_seq: int, n_vocab: int) -> tuple[dict[str, QualityAccumulator], dict[str, float]]:
     """Every chunk through every model, ``n_seq`` chunks per decode as llama-perplexity packs them:
     the reference's logits become the tool's compressed log-probs, each model is scored against
     them; the accumulators and seconds per model."""
@@ -297,6 +300,7 @@ def _score(order: list[ModelRow], backends: dict, batches: list[list[int]], ref_
             for r in order:
                 t = time.perf_counter()
                 for k, logits in enumerate(backends[r.model].logits_of(group, first)):
+                    logits = logits[:, :n_vocab]  # a view; the whole row when the vocabularies agree
                     if r is ref_row:
                         refs[k] = CompressedReference.from_logits(logits)
                     accs[r.model].add(logits, nxt[k], refs[k])

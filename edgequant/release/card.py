@@ -351,20 +351,24 @@ def _notes_section(m: Manifest) -> list[str]:
 
 
 def _window_note(m: Manifest) -> list[str]:
-    """Which sliding-window form the GGUF files are (convert --sliding-window), and what that means."""
-    window = next((a.sliding_window for a in m.models if isinstance(a, GGUFArtifact) and a.sliding_window), None)
-    if window == "exact":
-        text = ("The GGUF files use llama.cpp's `granite_swa` architecture: the model's sliding window is honoured, "
-                "so llama.cpp's logits equal transformers' at every context length. They need llama.cpp from "
-                "PR #25505 (July 2026) or later, or a llama-cpp-python / Ollama / LM Studio build that includes it; "
-                "older builds refuse them (`unknown model architecture`).")
-    elif window == "ignored":
-        text = ("The GGUF files use llama.cpp's `llama` architecture, which attends to the whole context: up to the "
-                "model's sliding window the logits equal transformers', past it they differ, as in every Mistral "
-                "GGUF made by llama.cpp's own converter. They load in every llama.cpp-based runtime.")
-    else:
-        return []
-    return ["### Sliding window", "", text, ""]
+    """What the GGUF files do with the model's sliding window, and the converter's notes, as it wrote them."""
+    ggufs = [a for a in m.models if isinstance(a, GGUFArtifact)]
+    first = next((a for a in ggufs if a.sliding_window), None)
+    out = []
+    if first is not None:
+        arch = f"llama.cpp's `{first.architecture}` architecture" if first.architecture else "their llama.cpp architecture"
+        if first.sliding_window == "exact":
+            text = (f"The GGUF files use {arch}, which honours the model's sliding window: llama.cpp's logits equal "
+                    "transformers' at every context length.")
+        else:
+            text = (f"The GGUF files use {arch}, which attends to the whole context: up to the model's sliding window "
+                    "the logits equal transformers', past it they differ, as in the GGUF files llama.cpp's own converter "
+                    "writes.")
+        out += ["### Sliding window", "", text, ""]
+    notes = list(dict.fromkeys(n for a in ggufs for n in a.notes))
+    if notes:
+        out += ["### Conversion notes", "", *[f"- {n}" for n in notes], ""]
+    return out
 
 
 def _imatrix_note(m: Manifest) -> list[str]:

@@ -161,6 +161,8 @@ class GGUFArtifact(ModelArtifact):
     imatrix: bool = False
     fallbacks: list[str] = field(default_factory=list)  # tensors written in another type than asked
     sliding_window: str | None = None  # "exact" or "ignored" (convert --sliding-window); None: no window
+    architecture: str | None = None  # llama.cpp's general.architecture, as the converter wrote it
+    notes: list[str] = field(default_factory=list)  # the converter's notes on the file it was quantized from
 
     def to_dict(self) -> dict:
         d = {**self._common(), "type": self.type}
@@ -170,6 +172,10 @@ class GGUFArtifact(ModelArtifact):
              "options": self.options, "metrics": _metrics_dict(self.metrics)}
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
+        if self.architecture is not None:
+            d["architecture"] = self.architecture
+        if self.notes:
+            d["notes"] = self.notes
         return d
 
 
@@ -226,7 +232,8 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
                  "options": d.get("options") or {}, "metrics": Metrics.from_dict(d.get("metrics"))}
         if kind == "gguf":
             return GGUFArtifact(**model, quant_type=d.get("quant_type"), imatrix=bool(d.get("imatrix")),
-                                fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"))
+                                fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"),
+                                architecture=d.get("architecture"), notes=list(d.get("notes") or []))
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []))
     if kind == "imatrix":
         return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"))
@@ -278,7 +285,7 @@ class ChatTemplate:
     eos_tokens: list[str] = field(default_factory=list)
     bos: str | None = None
     checks: dict[str, list[dict]] = field(default_factory=dict)  # GGUF file -> one record per conversation
-    family: str | None = None  # chatml, mistral, llama3 (edgequant.release.modelfile)
+    family: str | None = None  # a key of edgequant.release.modelfile.OLLAMA_FAMILIES, or None
     default_system: str | None = None  # None: read from the template; "": it has none
 
     @classmethod

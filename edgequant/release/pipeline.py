@@ -358,14 +358,15 @@ def _source(run: _Run, r: Recipe) -> Source:
 
 def _chat_template(run: _Run) -> ChatTemplate:
     """The source tokenizer's chat template, a rendered example, its stop tokens and the template gate's records."""
-    from edgequant.release.modelfile import family_of
+    from edgequant.release.modelfile import chat_family
     from edgequant.release.template_gate import example_prompt
 
     tok = run.tokenizer
     template = getattr(tok, "chat_template", None)
-    return ChatTemplate(template=template, example=example_prompt(tok) if template else None,
-                        eos_tokens=[tok.eos_token] if tok.eos_token else [], bos=tok.bos_token,
-                        checks=run.template_checks, family=family_of(template or ""))
+    ct = ChatTemplate(template=template, example=example_prompt(tok) if template else None,
+                      eos_tokens=[tok.eos_token] if tok.eos_token else [], bos=tok.bos_token, checks=run.template_checks)
+    ct.family = chat_family(ct)  # recognised from the markers and confirmed on the example
+    return ct
 
 
 def _files(run: _Run, art: str) -> dict:
@@ -382,12 +383,14 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
     """The base (when kept), the imatrix, each GGUF and each GPTQ artifact, with their measured metrics."""
     recs = run.st.data["artifacts"]
     arts: list = []
-    window = recs["base"]["result"].get("sliding_window")  # every GGUF is quantized from the base
+    base = recs["base"]["result"]  # every GGUF is quantized from the base: its converter facts are theirs
+    conv = {"sliding_window": base.get("sliding_window"), "architecture": base.get("architecture"),
+            "notes": list(base.get("notes") or [])}
     if r.keep_base:
         res = recs["base"]["result"]
         arts.append(GGUFArtifact(**_files(run, "base"), type=res["type"], bits_per_weight=res["bits_per_weight"],
                                  fallbacks=fallback_list(res["fallbacks"]), options={"outtype": res["type"].lower()},
-                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True), sliding_window=window))
+                                 metrics=Metrics.from_bench_row(rows.get("base"), reference=True), **conv))
     if "imatrix" in recs and r.needs_imatrix:
         res = recs["imatrix"]["result"]
         arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"]))
@@ -396,7 +399,7 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,
                                  bits_per_weight=res["bits_per_weight"], imatrix=v.imatrix,
                                  fallbacks=fallback_list(res["fallbacks"]), options=v.to_dict(),
-                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), sliding_window=window))
+                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), **conv))
     for v in r.gptq:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
