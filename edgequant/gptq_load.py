@@ -12,6 +12,9 @@ facts): it reads what the folder holds. Quantized experts are recognised by thei
 ``down_proj``); the per-expert Linears are named :data:`EXPERT_LINEARS`, the names GPTQModel writes and
 ``edgequant gptq`` checks every folder for, whatever names the source checkpoint used (the hub's
 Mixtral ``w1``/``w3``/``w2``).
+:func:`load_snippet` is how a user loads a folder with plain transformers (the model card shows it):
+for per-expert MoE folders it first calls ``defuser.replace_fused_blocks(model_type)`` (defuser comes with
+gptqmodel), which makes transformers build per-expert Linears too (:func:`defuser_model_type`).
 :func:`quiet_gptqmodel` keeps GPTQModel's own bars and logs off stdout, for loading and quantizing.
 """
 
@@ -145,6 +148,40 @@ def _per_expert_checkpoint(folder: Path) -> bool:
             if any(_PER_EXPERT_KEY.search(k) and k.endswith(".qweight") for k in f.keys()):
                 return True
     return False
+
+
+def defuser_model_type(folder: str | Path) -> str | None:
+    """The ``model_type`` a user hands to ``defuser.replace_fused_blocks`` before loading the folder
+    with plain transformers, or None when the folder needs no such step.
+
+    transformers 5 builds a MoE's experts as one fused module; a GPTQ folder stores each expert's
+    Linears on their own (``….experts.E.gate_proj.qweight``). Without defuser (installed with
+    gptqmodel) transformers would report those keys unexpected and initialise the experts at random.
+    """
+    folder = Path(folder)
+    if not _per_expert_checkpoint(folder):
+        return None
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        model_type = None
+    if not isinstance(model_type, str) or not model_type:
+        raise EdgequantError(f"{folder}/config.json has no model_type; re-make the folder with edgequant gptq")
+    return model_type
+
+
+def load_snippet(path: str, defuser_type: str | None) -> str:
+    """The Python lines that load the GPTQ folder at ``path`` with plain transformers (+ gptqmodel),
+    as the model card and the folder's README show them; ``defuser_type`` is
+    :func:`defuser_model_type` of the folder."""
+    head = "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+    if defuser_type:
+        head = ("import defuser  # installed with gptqmodel\n" + head
+                + f"defuser.replace_fused_blocks({json.dumps(defuser_type)})  # experts as one Linear each, as the folder stores them\n")
+    return (head + f"path = {json.dumps(path)}\n"
+            "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+            "# float16: the dtype of the GPTQ scales, in which the kernels compute exactly what the folder holds\n"
+            'model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="auto")\n')
 
 
 def _model_class(folder: Path):

@@ -32,7 +32,7 @@ from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs.base import QuantLayout, quant_layout
-from edgequant.gptq_load import EXPERT_LINEARS, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
+from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, load_snippet, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
@@ -109,6 +109,9 @@ class GPTQResult:
     backend: str
     layers: list[LayerError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the model_type to pass to defuser.replace_fused_blocks before transformers loads the folder
+    # (per-expert MoE folders); None: plain from_pretrained loads it
+    defuser_model_type: str | None = None
 
     @property
     def max_loss(self) -> float:
@@ -313,7 +316,8 @@ def _n_params(ckpt: Checkpoint) -> int:
     return n
 
 
-def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: int, seq_len: int, backend: str) -> str:
+def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: int, seq_len: int, backend: str,
+            defuser_type: str | None) -> str:
     """The folder's short README: format, calibration and how to load it."""
     g = "one group per row" if spec.group_size == -1 else f"group size {spec.group_size}"
     return (
@@ -323,8 +327,9 @@ def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: 
         f"- format: GPTQ v1 (`quantization_config.format: gptq`), packed int32 `qweight`/`qzeros`, `scales`, `g_idx`\n"
         f"- calibration: {samples} x {seq_len} tokens of {calibration} (seed {spec.seed}), damp {spec.damp_percent}, "
         f"true_sequential={spec.true_sequential}\n\n"
-        "Load it with transformers (needs `optimum` and `gptqmodel`), vLLM (`--quantization gptq`) or "
-        "`edgequant.gptq_load.load_gptq_model`.\n"
+        "Load it with transformers (needs `optimum` and `gptqmodel`), from the folder above this one:\n\n"
+        f"```python\n{load_snippet(name, defuser_type)}```\n\n"
+        "or with vLLM (`--quantization gptq`) or `edgequant.gptq_load.load_gptq_model`.\n"
     )
 
 
@@ -423,9 +428,13 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
             raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
         layers = merge_fused_errors(layers, fuse_split_linears(part, run.ckpt, run.layout, bits))
         _check_layers_exist(part, run.ckpt, run.layout, bits)
-        readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name)
+        defuse = defuser_model_type(part)
+        readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name,
+                         defuse)
         _finish_folder(part, run.ckpt, readme)
-    return _result(run, spec, final, layers, time.perf_counter() - t0)
+    result = _result(run, spec, final, layers, time.perf_counter() - t0)
+    result.defuser_model_type = defuse
+    return result
 
 
 def _check_layers_exist(part: Path, ckpt: Checkpoint, layout: QuantLayout, bits: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from huggingface_hub import ModelCardData
 
 from edgequant.errors import EdgequantError
+from edgequant.gptq_load import load_snippet
 from edgequant.release.manifest import Artifact, GGUFArtifact, Manifest, Metrics, ModelArtifact, as_manifest
 from edgequant.release.modelfile import ollama_name
 from edgequant.release.template_gate import CONVERSATIONS
@@ -422,16 +423,13 @@ def _gguf_usage(m: Manifest, example: ModelArtifact) -> list[str]:
 
 
 def _gptq_usage(m: Manifest, g: ModelArtifact) -> list[str]:
-    """Loading a GPTQ folder with transformers."""
+    """Loading a GPTQ folder with transformers (MoE folders: through defuser, see ``gptq_load.load_snippet``)."""
     path, repo = str(g.path), m.recipe.card.repo_id
     return ["### transformers (GPTQ)", "",
-            "The GPTQ folders load with transformers through GPTQModel (`pip install gptqmodel`; fast kernels need a CUDA GPU)"
+            "The GPTQ folders load with transformers through GPTQModel (`pip install gptqmodel optimum`; fast kernels need a CUDA GPU)"
             + (f"; download one with `hf download {repo} --include \"{path}/*\" --local-dir .`" if repo else "") + ":", "",
             _fence(
-                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"path = {json.dumps(path)}\n"
-                "tokenizer = AutoTokenizer.from_pretrained(path)\n"
-                'model = AutoModelForCausalLM.from_pretrained(path, device_map="auto")\n'
+                load_snippet(path, getattr(g, "defuser_model_type", None)) +
                 f"messages = {json.dumps(SAMPLE_MESSAGES, ensure_ascii=False)}\n"
                 "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
                 "return_dict=True).to(model.device)\n"

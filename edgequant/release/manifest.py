@@ -187,11 +187,15 @@ class GPTQArtifact(ModelArtifact):
     bits: int | None = None
     group_size: int | None = None
     notes: list[str] = field(default_factory=list)
+    defuser_model_type: str | None = None  # per-expert MoE folders: defuser.replace_fused_blocks(this) before loading
 
     def to_dict(self) -> dict:
-        return {**self._common(), "type": self.type, "bits": self.bits, "group_size": self.group_size,
-                "bits_per_weight": self.bits_per_weight, "options": self.options, "notes": self.notes,
-                "metrics": _metrics_dict(self.metrics)}
+        d = {**self._common(), "type": self.type, "bits": self.bits, "group_size": self.group_size,
+             "bits_per_weight": self.bits_per_weight, "options": self.options, "notes": self.notes,
+             "metrics": _metrics_dict(self.metrics)}
+        if self.defuser_model_type:
+            d["defuser_model_type"] = self.defuser_model_type
+        return d
 
 
 @dataclass(kw_only=True)
@@ -234,7 +238,8 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
             return GGUFArtifact(**model, quant_type=d.get("quant_type"), imatrix=bool(d.get("imatrix")),
                                 fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"),
                                 architecture=d.get("architecture"), notes=list(d.get("notes") or []))
-        return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []))
+        return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []),
+                            defuser_model_type=d.get("defuser_model_type"))
     if kind == "imatrix":
         return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"))
     return Artifact(**common)

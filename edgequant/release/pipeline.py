@@ -404,6 +404,7 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
                                  bits_per_weight=res["bits_per_weight"], options=v.to_dict(), notes=res.get("notes", []),
+                                 defuser_model_type=res.get("defuser_model_type"),
                                  metrics=Metrics.from_bench_row(rows.get(v.artifact))))
     return arts
 
