@@ -1,0 +1,181 @@
+"""Qwen3-MoE through convert, imatrix and quantize, against independent references: transformers' float32
+logits (both expert layouts), the HF tokenizer and chat template, transformers' greedy ``generate``, and
+llama.cpp (llama-cpp-python) running every file written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+import fixtures_qwen_moe
+import fixtures_tokjson
+from edgequant.errors import EdgequantError
+from edgequant.export.convert import convert
+from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
+from edgequant.quantize.imatrix import compute_imatrix
+from fixtures_qwen import ENDOFTEXT, IM_END, IM_START, QWEN_VOCAB_SIZE
+from fixtures_qwen_moe import EXPERT_FF, LAYOUTS, N_EXPERT, TOP_K
+from llama_helpers import hf_logits, hf_model, hf_tokenizer, llama, llama_logits, llama_tokenize
+
+PROBE = ("The quick brown fox jumps over 1234 lazy dogs.\nIt was the best of times, it was the worst of times; "
+         "东京は日本の首都です。 def f(x):\n    return x ** 2  # 🙂 <think>\nhm</think>")
+MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+]
+STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+@pytest.fixture(scope="session")
+def moe_converted(tmp_path_factory):
+    """convert() once per (layout, outtype) for the session; returns the ConvertResult."""
+    results: dict = {}
+
+    def get(layout: str, outtype: str = "f32"):
+        if (layout, outtype) not in results:
+            src = fixtures_qwen_moe.tiny_qwen3_moe(layout)
+            results[layout, outtype] = convert(src, tmp_path_factory.mktemp("qwen3moe"), outtype=outtype)
+        return results[layout, outtype]
+
+    return get
+
+
+def _ids(src: Path) -> list[int]:
+    return hf_tokenizer(str(src)).encode(PROBE)
+
+
+def _variant(src: Path, tmp_path: Path, **config) -> Path:
+    """A copy of a fixture folder with config.json keys changed (weights shared by a symlink)."""
+    dst = tmp_path / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, dst / f.name)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+# -- logits and layout -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_f32_logits_equal_transformers(layout, moe_converted):
+    src = fixtures_qwen_moe.tiny_qwen3_moe(layout)
+    ids = _ids(src)
+    ref = hf_logits(src, ids)
+    got = llama_logits(moe_converted(layout).files[0], ids)
+    assert got.shape == ref.shape == (len(ids), QWEN_VOCAB_SIZE)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_both_layouts_write_the_same_stacks_and_expert_keys(moe_converted):
+    per, fused = (gguf.GGUFReader(moe_converted(layout).files[0]) for layout in LAYOUTS)
+    assert moe_converted("fused").architecture == "qwen3moe" and not moe_converted("fused").notes
+    tensors = {t.name: t for t in fused.tensors}
+    for b in range(2):
+        for kind in STACKS:
+            name = f"blk.{b}.{kind}.weight"
+            want = [EXPERT_FF, 128, N_EXPERT] if kind == "ffn_down_exps" else [128, EXPERT_FF, N_EXPERT]
+            assert list(tensors[name].shape) == want
+            other = next(t for t in per.tensors if t.name == name)
+            assert np.array_equal(np.asarray(other.data), np.asarray(tensors[name].data)), name
+    f = fused.fields
+    assert f["qwen3moe.expert_count"].contents() == N_EXPERT and f["qwen3moe.expert_used_count"].contents() == TOP_K
+    assert f["qwen3moe.expert_feed_forward_length"].contents() == EXPERT_FF  # llama.cpp would guess 256 / 2
+    assert f["qwen3moe.attention.key_length"].contents() == 64
+    router = next(t for t in gguf.GGUFReader(moe_converted("fused", "f16").files[0]).tensors
+                  if t.name == "blk.0.ffn_gate_inp.weight")
+    assert router.tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_dense_layers_are_refused_and_unnormalised_top_k_is_noted(tmp_path):
+    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
+    with pytest.raises(EdgequantError, match=r"layers \[1\] dense .*experts on every layer"):
+        convert(_variant(src, tmp_path / "a", mlp_only_layers=[1]), tmp_path / "out-a")
+    with pytest.raises(EdgequantError, match=r"layers \[0\] dense .*decoder_sparse_step 2"):
+        convert(_variant(src, tmp_path / "b", decoder_sparse_step=2), tmp_path / "out-b")
+    r = convert(_variant(src, tmp_path / "c", norm_topk_prob=False), tmp_path / "out-c", outtype="f16")
+    assert any("norm_topk_prob is false" in n and "renormalises" in n for n in r.notes), r.notes
+
+
+# -- tokenizer, template, end of turn ----------------------------------------------------------
+
+
+def test_tokens_and_template_equal_transformers(moe_converted):
+    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
+    path = moe_converted("fused").files[0]
+    tok = hf_tokenizer(str(src))
+    assert llama_tokenize(path, PROBE) == tok.encode(PROBE, add_special_tokens=False)
+    template = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    ours = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="")(messages=MESSAGES).prompt
+    theirs = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    ids = llama_tokenize(path, ours)
+    assert ids[0] == IM_START and ENDOFTEXT not in ids and ids == tok.encode(theirs, add_special_tokens=False)
+
+
+def test_greedy_generation_stops_at_im_end_like_transformers(tmp_path):
+    """The fused fixture with its ``<|im_end|>`` output row boosted (fixtures_tokjson.eot_variant), as in test_eog."""
+    folder = fixtures_tokjson.eot_variant(fixtures_qwen_moe.tiny_qwen3_moe("fused"), "<|im_end|>")
+    path = convert(folder, tmp_path / "eot.gguf").files[0]
+    tok, model = hf_tokenizer(str(folder)), hf_model(str(folder))
+    prompt = tok.apply_chat_template(fixtures_tokjson.EOT_MESSAGES, add_generation_prompt=True, tokenize=True,
+                                     return_dict=False)
+    with torch.no_grad():
+        full = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                              generation_config=model.generation_config)
+    want = full[0, len(prompt):].tolist()
+    assert want[-1] == IM_END and len(want) == fixtures_tokjson.EOT_STEP + 1, want
+    with llama(path, n_ctx=128) as llm:
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        assert llama_cpp.llama_vocab_is_eog(vocab, IM_END) and llama_cpp.llama_vocab_is_eog(vocab, ENDOFTEXT)
+        llm.eval(prompt)
+        got: list[int] = []
+        while len(got) < 16:
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if llama_cpp.llama_vocab_is_eog(vocab, got[-1]):
+                break
+            llm.eval([got[-1]])
+    assert got == want
+
+
+# -- quantize ----------------------------------------------------------------------------------
+
+
+def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(moe_converted, tmp_path):
+    src = fixtures_qwen_moe.tiny_qwen3_moe("per_expert")
+    ids = _ids(src)
+    ref = hf_logits(src, ids)
+    results = quantize(moe_converted("per_expert", "f16").files[0], ["Q8_0", "Q4_K_M"], tmp_path)
+    for res, tol in zip(results, (5e-2, 2.5e-1)):
+        got = llama_logits(res.files[0], ids)
+        assert np.isfinite(got).all()
+        assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), res
+
+
+def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp_path):
+    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
+    compute_imatrix(src, tmp_path / "imatrix.gguf", ctx=128, chunks=2)
+    reader = gguf.GGUFReader(tmp_path / "imatrix.gguf")
+    names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
+    assert names == {f"blk.{b}.{k}.weight" for b in range(2)
+                     for k in ("attn_q", "attn_k", "attn_v", "attn_output", *STACKS)}  # the router stays F32
+    counts = {t.name: np.asarray(t.data) for t in reader.tensors if t.name.endswith(".counts")}
+    assert all(c.size == N_EXPERT and (c > 0).sum() >= TOP_K for n, c in counts.items() if "_exps" in n)
+    ids = _ids(src)
+    results = quantize(moe_converted("fused", "f16").files[0], ["IQ2_XXS", "Q4_K_M"], tmp_path,
+                       QuantizeOptions(imatrix=tmp_path / "imatrix.gguf"))
+    for res in results:
+        assert np.isfinite(llama_logits(res.files[0], ids)).all(), res
