@@ -1,6 +1,9 @@
 """Qwen3-MoE through convert, imatrix and quantize, against independent references: transformers' float32
 logits (both expert layouts), the HF tokenizer and chat template, transformers' greedy ``generate``, and
-llama.cpp (llama-cpp-python) running every file written."""
+llama.cpp (llama-cpp-python) running every file written.
+
+The fused folder is the one whose ``<|im_end|>`` output row is boosted (fixtures_tokjson.eot_variant, as in
+test_eog) so that one F32 conversion serves parity, tokenizer, template and the greedy stop."""
 
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import fixtures_qwen_moe
 import fixtures_tokjson
+from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
+from edgequant.export.archs import architecture_for
 from edgequant.export.convert import convert
+from edgequant.gguf_info import read_header
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
 from edgequant.quantize.imatrix import compute_imatrix
 from fixtures_qwen import ENDOFTEXT, IM_END, IM_START, QWEN_VOCAB_SIZE
@@ -36,6 +42,11 @@ MESSAGES = [
 STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
+def _src(layout: str) -> Path:
+    src = fixtures_qwen_moe.tiny_qwen3_moe(layout)
+    return fixtures_tokjson.eot_variant(src, "<|im_end|>") if layout == "fused" else src
+
+
 @pytest.fixture(scope="session")
 def moe_converted(tmp_path_factory):
     """convert() once per (layout, outtype) for the session; returns the ConvertResult."""
@@ -43,11 +54,16 @@ def moe_converted(tmp_path_factory):
 
     def get(layout: str, outtype: str = "f32"):
         if (layout, outtype) not in results:
-            src = fixtures_qwen_moe.tiny_qwen3_moe(layout)
-            results[layout, outtype] = convert(src, tmp_path_factory.mktemp("qwen3moe"), outtype=outtype)
+            results[layout, outtype] = convert(_src(layout), tmp_path_factory.mktemp("qwen3moe"), outtype=outtype)
         return results[layout, outtype]
 
     return get
+
+
+def _header(result) -> tuple[dict, dict]:
+    """Metadata and name -> tensor summary (edgequant's header reader: gguf-py's takes seconds on 152k tokens)."""
+    meta, tensors = read_header(result.files[0])
+    return meta, {t.name: t for t in tensors}
 
 
 def _ids(src: Path) -> list[int]:
@@ -71,7 +87,7 @@ def _variant(src: Path, tmp_path: Path, **config) -> Path:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_f32_logits_equal_transformers(layout, moe_converted):
-    src = fixtures_qwen_moe.tiny_qwen3_moe(layout)
+    src = _src(layout)
     ids = _ids(src)
     ref = hf_logits(src, ids)
     got = llama_logits(moe_converted(layout).files[0], ids)
@@ -80,24 +96,21 @@ def test_f32_logits_equal_transformers(layout, moe_converted):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_both_layouts_write_the_same_stacks_and_expert_keys(moe_converted):
-    per, fused = (gguf.GGUFReader(moe_converted(layout).files[0]) for layout in LAYOUTS)
-    assert moe_converted("fused").architecture == "qwen3moe" and not moe_converted("fused").notes
-    tensors = {t.name: t for t in fused.tensors}
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expert_stacks_keys_and_f32_router(layout, moe_converted):
+    r = moe_converted(layout)
+    meta, tensors = _header(r)
+    assert r.architecture == "qwen3moe" and not r.notes
     for b in range(2):
         for kind in STACKS:
-            name = f"blk.{b}.{kind}.weight"
             want = [EXPERT_FF, 128, N_EXPERT] if kind == "ffn_down_exps" else [128, EXPERT_FF, N_EXPERT]
-            assert list(tensors[name].shape) == want
-            other = next(t for t in per.tensors if t.name == name)
-            assert np.array_equal(np.asarray(other.data), np.asarray(tensors[name].data)), name
-    f = fused.fields
-    assert f["qwen3moe.expert_count"].contents() == N_EXPERT and f["qwen3moe.expert_used_count"].contents() == TOP_K
-    assert f["qwen3moe.expert_feed_forward_length"].contents() == EXPERT_FF  # llama.cpp would guess 256 / 2
-    assert f["qwen3moe.attention.key_length"].contents() == 64
-    router = next(t for t in gguf.GGUFReader(moe_converted("fused", "f16").files[0]).tensors
-                  if t.name == "blk.0.ffn_gate_inp.weight")
-    assert router.tensor_type == gguf.GGMLQuantizationType.F32
+            assert tensors[f"blk.{b}.{kind}.weight"].shape == want
+        assert tensors[f"blk.{b}.ffn_gate_inp.weight"].shape == [128, N_EXPERT]
+    assert meta["qwen3moe.expert_count"] == N_EXPERT and meta["qwen3moe.expert_used_count"] == TOP_K
+    assert meta["qwen3moe.expert_feed_forward_length"] == EXPERT_FF  # without it llama.cpp would guess 256 / 2
+    assert meta["qwen3moe.attention.key_length"] == 64
+    if layout == "fused":
+        assert _header(moe_converted(layout, "f16"))[1]["blk.0.ffn_gate_inp.weight"].type == "F32"
 
 
 def test_dense_layers_are_refused_and_unnormalised_top_k_is_noted(tmp_path):
@@ -106,19 +119,20 @@ def test_dense_layers_are_refused_and_unnormalised_top_k_is_noted(tmp_path):
         convert(_variant(src, tmp_path / "a", mlp_only_layers=[1]), tmp_path / "out-a")
     with pytest.raises(EdgequantError, match=r"layers \[0\] dense .*decoder_sparse_step 2"):
         convert(_variant(src, tmp_path / "b", decoder_sparse_step=2), tmp_path / "out-b")
-    r = convert(_variant(src, tmp_path / "c", norm_topk_prob=False), tmp_path / "out-c", outtype="f16")
-    assert any("norm_topk_prob is false" in n and "renormalises" in n for n in r.notes), r.notes
+    ckpt = open_checkpoint(_variant(src, tmp_path / "c", norm_topk_prob=False))
+    notes = architecture_for(ckpt.hf_architecture)(ckpt).notes  # what convert reports (ConvertResult.notes)
+    assert any("norm_topk_prob is false" in n and "renormalises" in n for n in notes), notes
 
 
 # -- tokenizer, template, end of turn ----------------------------------------------------------
 
 
 def test_tokens_and_template_equal_transformers(moe_converted):
-    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
+    src = _src("fused")
     path = moe_converted("fused").files[0]
     tok = hf_tokenizer(str(src))
     assert llama_tokenize(path, PROBE) == tok.encode(PROBE, add_special_tokens=False)
-    template = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    template = _header(moe_converted("fused"))[0]["tokenizer.chat_template"]
     ours = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="")(messages=MESSAGES).prompt
     theirs = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert ours == theirs
@@ -126,10 +140,9 @@ def test_tokens_and_template_equal_transformers(moe_converted):
     assert ids[0] == IM_START and ENDOFTEXT not in ids and ids == tok.encode(theirs, add_special_tokens=False)
 
 
-def test_greedy_generation_stops_at_im_end_like_transformers(tmp_path):
-    """The fused fixture with its ``<|im_end|>`` output row boosted (fixtures_tokjson.eot_variant), as in test_eog."""
-    folder = fixtures_tokjson.eot_variant(fixtures_qwen_moe.tiny_qwen3_moe("fused"), "<|im_end|>")
-    path = convert(folder, tmp_path / "eot.gguf").files[0]
+def test_greedy_generation_stops_at_im_end_like_transformers(moe_converted):
+    """transformers' greedy answer (generation_config.json's stop ids) against llama.cpp's, as in test_eog."""
+    folder, path = _src("fused"), moe_converted("fused").files[0]
     tok, model = hf_tokenizer(str(folder)), hf_model(str(folder))
     prompt = tok.apply_chat_template(fixtures_tokjson.EOT_MESSAGES, add_generation_prompt=True, tokenize=True,
                                      return_dict=False)
@@ -155,10 +168,10 @@ def test_greedy_generation_stops_at_im_end_like_transformers(tmp_path):
 
 
 def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(moe_converted, tmp_path):
-    src = fixtures_qwen_moe.tiny_qwen3_moe("per_expert")
+    src = _src("fused")
     ids = _ids(src)
     ref = hf_logits(src, ids)
-    results = quantize(moe_converted("per_expert", "f16").files[0], ["Q8_0", "Q4_K_M"], tmp_path)
+    results = quantize(moe_converted("fused", "f16").files[0], ["Q8_0", "Q4_K_M"], tmp_path)
     for res, tol in zip(results, (5e-2, 2.5e-1)):
         got = llama_logits(res.files[0], ids)
         assert np.isfinite(got).all()
@@ -166,7 +179,7 @@ def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(moe_converted, tmp_path):
 
 
 def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp_path):
-    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
+    src = _src("fused")
     compute_imatrix(src, tmp_path / "imatrix.gguf", ctx=128, chunks=2)
     reader = gguf.GGUFReader(tmp_path / "imatrix.gguf")
     names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
