@@ -8,10 +8,10 @@ test_eog) so that one F32 conversion serves parity, tokenizer, template and the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
-import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -26,7 +26,9 @@ from edgequant.export.archs import architecture_for
 from edgequant.export.convert import convert
 from edgequant.gguf_info import read_header
 from edgequant.quantize.gguf_quant import QuantizeOptions, quantize
+from edgequant.llamacpp_tools import run_tool
 from edgequant.quantize.imatrix import compute_imatrix
+from edgequant.quantize.imatrix_file import read_imatrix
 from fixtures_qwen import ENDOFTEXT, IM_END, IM_START, QWEN_VOCAB_SIZE
 from fixtures_qwen_moe import EXPERT_FF, LAYOUTS, N_EXPERT, TOP_K
 from llama_helpers import hf_logits, hf_model, hf_tokenizer, llama, llama_logits, llama_tokenize
@@ -178,17 +180,21 @@ def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(moe_converted, tmp_path):
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), res
 
 
-def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp_path):
-    src = _src("fused")
-    compute_imatrix(src, tmp_path / "imatrix.gguf", ctx=128, chunks=2)
-    reader = gguf.GGUFReader(tmp_path / "imatrix.gguf")
-    names = {t.name.rsplit(".", 1)[0] for t in reader.tensors}
-    assert names == {f"blk.{b}.{k}.weight" for b in range(2)
-                     for k in ("attn_q", "attn_k", "attn_v", "attn_output", *STACKS)}  # the router stays F32
-    counts = {t.name: np.asarray(t.data) for t in reader.tensors if t.name.endswith(".counts")}
-    assert all(c.size == N_EXPERT and (c > 0).sum() >= TOP_K for n, c in counts.items() if "_exps" in n)
+def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp_path, llama_tools):
+    src, f16 = _src("fused"), moe_converted("fused", "f16").files[0]
+    im = tmp_path / "imatrix.gguf"
+    compute_imatrix(src, im, ctx=128, chunks=2)
+    entries = read_imatrix(im).entries
+    assert set(entries) == {f"blk.{b}.{k}.weight" for b in range(2)
+                            for k in ("attn_q", "attn_k", "attn_v", "attn_output", *STACKS)}  # the router stays F32
+    for name in (n for n in entries if "_exps" in n):  # one row per expert, each with its own token count
+        assert entries[name].sums.shape[0] == N_EXPERT and (entries[name].counts > 0).sum() >= TOP_K, name
+    # llama.cpp's own quantizer finds an entry for every matrix it quantizes, the expert stacks included
+    tool_q = tmp_path / "tool-Q4_K_M.gguf"
+    out = run_tool("llama-quantize", "--imatrix", str(im), str(f16), str(tool_q), "Q4_K_M", "2")
+    assert f"have importance matrix data with {len(entries)} entries" in out
+    assert not re.search(r"did not find weights for blk\.", out), out
+    (iq2,) = quantize(f16, ["IQ2_XXS"], tmp_path, QuantizeOptions(imatrix=im))
     ids = _ids(src)
-    results = quantize(moe_converted("fused", "f16").files[0], ["IQ2_XXS", "Q4_K_M"], tmp_path,
-                       QuantizeOptions(imatrix=tmp_path / "imatrix.gguf"))
-    for res in results:
-        assert np.isfinite(llama_logits(res.files[0], ids)).all(), res
+    for path in (tool_q, iq2.files[0]):
+        assert np.isfinite(llama_logits(path, ids)).all(), path
