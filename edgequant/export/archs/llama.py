@@ -207,9 +207,13 @@ class Llama(Architecture):
                                  f"{self.head_dim} = {n * self.head_dim}; config.json does not match the weights")
         return n
 
+    def expert_ff_length(self) -> int:
+        """One expert's hidden size (Mixtral: ``intermediate_size``; a family with dense layers too has its own key)."""
+        return int(self.hparam("intermediate_size"))
+
     def _expert_stacks(self, bid: int, found: dict) -> list[PlannedTensor]:
         n_expert = int(self.hparam("num_local_experts", "num_experts"))
-        n_ff = int(self.hparam("intermediate_size"))
+        n_ff = self.expert_ff_length()
         parts: dict[str, list[Part]] = {"gate": [], "up": [], "down": []}
         sources: dict[str, list[str]] = {"gate": [], "up": [], "down": []}
         if any(len(k) == 2 for k in found):  # per-expert 2-D tensors, the hub's Mixtral layout

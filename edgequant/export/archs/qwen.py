@@ -16,6 +16,13 @@ Layout rules (llama.cpp's ``src/models/qwen2.cpp`` and ``qwen3.cpp``):
   llama.cpp's qwen2/qwen3 always attend to the whole context, so a real window is reported
   (``ignore``) or refused (``exact``: no llama.cpp architecture runs a windowed Qwen block).
 - RoPE scaling: ``linear`` and ``yarn`` (Qwen2.5's long-context recipe) as for Llama.
+- Qwen3-MoE (``qwen3moe``): Qwen3 attention, a softmax router ``mlp.gate`` (``ffn_gate_inp``, kept F32)
+  and experts stacked into ``ffn_{gate,up,down}_exps`` by the Mixtral mechanism (per-expert
+  ``mlp.experts.E.gate_proj`` or fused ``mlp.experts.gate_up_proj`` / ``down_proj``, streamed expert by
+  expert). One expert's width is ``moe_intermediate_size``, written as ``expert_feed_forward_length``
+  (without it llama.cpp guesses intermediate_size / experts used). llama.cpp's qwen3moe puts experts on
+  every layer and always renormalises the top-k weights: dense layers (``mlp_only_layers``,
+  ``decoder_sparse_step`` > 1) are refused, ``norm_topk_prob: false`` is written with a note.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
+from edgequant.export.archs.base import ExpertLayout, QuantLayout
 from edgequant.export.archs.llama import Llama
 
 T = gguf.MODEL_TENSOR
@@ -123,3 +131,49 @@ class Qwen3(Qwen2):
                 if self.tensor_name(key, bid) not in have:
                     raise EdgequantError(f"the checkpoint lacks layer {bid}'s self_attn.{key.name.lower()[5:]} weight, "
                                          f"which every Qwen3 has; it is incomplete (download every shard)")
+
+
+@register("Qwen3MoeForCausalLM")
+class Qwen3Moe(Qwen3):
+    """Qwen3-MoE: Qwen3 attention, a softmax top-k router and 3-D expert stacks on every layer."""
+
+    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+    quant_layout = QuantLayout(experts=ExpertLayout())  # mlp.gate, mlp.experts.{E.gate_proj,gate_up_proj}, ...
+    block_needs = (*Qwen3.block_needs, T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
+
+    def __init__(self, ckpt, **options):
+        super().__init__(ckpt, **options)
+        self.n_expert = self.positive_int("num_experts", "num_local_experts")  # the hub's, transformers 5's
+        self.n_expert_used = self.positive_int("num_experts_per_tok")
+        if self.n_expert_used > self.n_expert:
+            raise EdgequantError(f"config.json num_experts_per_tok {self.n_expert_used} > num_experts {self.n_expert}; "
+                                 f"fix config.json")
+        self._check_all_sparse()
+        if not self.config.get("norm_topk_prob", False):  # transformers' Qwen3MoeConfig default is false
+            self.notes.append(
+                "norm_topk_prob is false: transformers weights each token's top-k experts by their share of the "
+                "full softmax, llama.cpp's qwen3moe always renormalises them to sum to 1, so llama.cpp's logits will "
+                "differ from transformers' (the GGUF is written; no llama.cpp key turns renormalisation off)")
+
+    def _check_all_sparse(self) -> None:
+        """transformers' rule: layer i has experts unless in mlp_only_layers or (i + 1) % decoder_sparse_step."""
+        step = self.positive_int("decoder_sparse_step", default=1)
+        only = set(self.config.get("mlp_only_layers") or [])
+        dense = [i for i in range(self.n_blocks) if i in only or (i + 1) % step]
+        if dense:
+            raise EdgequantError(
+                f"config.json makes layers {dense} dense (mlp_only_layers {sorted(only)}, decoder_sparse_step {step}): "
+                f"llama.cpp's qwen3moe has experts on every layer and cannot run them; edgequant converts only "
+                f"Qwen3-MoE checkpoints with mlp_only_layers [] and decoder_sparse_step 1")
+
+    def expert_ff_length(self) -> int:
+        return self.positive_int("moe_intermediate_size")
+
+    def claims(self, name: str) -> bool:
+        return Llama.claims(self, name)  # the expert tensors, stacked in add_block_tensors
+
+    def write_hparams(self, w: gguf.GGUFWriter) -> None:
+        super().write_hparams(w)
+        w.add_expert_count(self.n_expert)
+        w.add_expert_used_count(self.n_expert_used)
+        w.add_expert_feed_forward_length(self.expert_ff_length())
