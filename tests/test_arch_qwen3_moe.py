@@ -198,3 +198,14 @@ def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp
     ids = _ids(src)
     for path in (tool_q, iq2.files[0]):
         assert np.isfinite(llama_logits(path, ids)).all(), path
+
+
+def test_gptq_refuses_a_fused_experts_source(tmp_path):
+    """GPTQModel 7.6.0 loads a fused-experts Qwen3-MoE with freshly initialised experts (its output matched the
+    source no better than random weights): refused in one line before any work, nothing written."""
+    from edgequant.errors import EdgequantError
+    from edgequant.quantize.gptq import GPTQOptions, gptq
+
+    with pytest.raises(EdgequantError, match="stores its experts fused .*save_pretrained"):
+        gptq(fixtures_qwen_moe.tiny_qwen3_moe("fused"), [4], tmp_path / "out", GPTQOptions(samples=2, seq_len=16))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

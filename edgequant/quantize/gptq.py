@@ -390,6 +390,7 @@ def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]
     if not dims:
         blocks = quant_layout(ckpt.hf_architecture).module_blocks
         raise EdgequantError(f"{ckpt.path} has no decoder weight matrices ({blocks}.N.*.weight) GPTQ can quantize; pass a causal LM checkpoint")
+    _check_fused_experts(ckpt)
     group_size, note = resolve_group_size(opts.group_size, dims)
     if not 0 < opts.damp_percent < 1:
         raise EdgequantError(f"--damp-percent {opts.damp_percent}: use a fraction between 0 and 1 (0.01 to 0.1 is usual)")
@@ -397,6 +398,19 @@ def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]
         raise EdgequantError(f"--batch-size {opts.batch_size}: use at least 1")
     resolve_device(opts.device)
     return group_size, [note] if note else []
+
+
+def _check_fused_experts(ckpt: Checkpoint) -> None:
+    """Refuse a fused-experts source the backend would quantize from freshly initialised experts."""
+    experts = quant_layout(ckpt.hf_architecture).experts
+    if experts is None or experts.gptq_fused_source:
+        return
+    fused = next((n for n in ckpt.tensors if n.endswith(f".experts.{experts.gate_up_stack}")), None)
+    if fused is not None:
+        raise EdgequantError(
+            f"{ckpt.path} stores its experts fused ({fused}); GPTQModel loads such {ckpt.hf_architecture} checkpoints "
+            f"with freshly initialised experts. Save the model with transformers' save_pretrained (per-expert weights) "
+            f"and quantize that folder, or use the GGUF files")
 
 
 def _calibration(ckpt: Checkpoint, corpus: Text, opts: GPTQOptions) -> list[list[int]]:

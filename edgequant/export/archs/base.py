@@ -216,6 +216,9 @@ class ExpertLayout:
     down: tuple[str, ...] = ("down_proj",)
     gate_up_stack: str = "gate_up_proj"  # transformers 5's fused parameters: [E, 2 ff, hidden], gate rows first
     down_stack: str = "down_proj"  # [E, hidden, ff]
+    # False where the GPTQ backend (GPTQModel 7.6.0) loads a source with fused expert tensors with freshly
+    # initialised experts (Qwen3-MoE): such sources are refused before any work
+    gptq_fused_source: bool = True
 
     def role(self, linear: str) -> str | None:
         """``gate``, ``up`` or ``down`` for one expert's Linear name, else None."""

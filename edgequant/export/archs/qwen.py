@@ -138,7 +138,8 @@ class Qwen3Moe(Qwen3):
     """Qwen3-MoE: Qwen3 attention, a softmax top-k router and 3-D expert stacks on every layer."""
 
     gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
-    quant_layout = QuantLayout(experts=ExpertLayout())  # mlp.gate, mlp.experts.{E.gate_proj,gate_up_proj}, ...
+    # mlp.gate, mlp.experts.{E.gate_proj,gate_up_proj}, ...; GPTQModel 7.6.0 reads fused experts as fresh ones
+    quant_layout = QuantLayout(experts=ExpertLayout(gptq_fused_source=False))
     block_needs = (*Qwen3.block_needs, T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
 
     def __init__(self, ckpt, **options):
