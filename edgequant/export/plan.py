@@ -3,8 +3,8 @@
 An output tensor is an ordered list of :class:`Part` s. Each part is a 2-D (or 1-D) block read
 lazily from the checkpoint (optionally one expert of a fused 3-D tensor, optionally a row
 range, optionally every step-th column, optionally Q/K-permuted), or a small array computed by
-the architecture. Concatenated along the first axis they give the output tensor in torch order, so a Mixtral expert stack is
-written expert by expert and never held in memory as a whole.
+the architecture. Concatenated along the first axis they give the output tensor in torch order,
+so a Mixtral expert stack is written expert by expert and never held in memory as a whole.
 """
 
 from __future__ import annotations
