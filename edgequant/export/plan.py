@@ -2,9 +2,9 @@
 
 An output tensor is an ordered list of :class:`Part` s. Each part is a 2-D (or 1-D) block read
 lazily from the checkpoint (optionally one expert of a fused 3-D tensor, optionally a row
-range, optionally Q/K-permuted), or a small array computed by the architecture. Concatenated
-along the first axis they give the output tensor in torch order, so a Mixtral expert stack is
-written expert by expert and never held in memory as a whole.
+range, optionally every step-th column, optionally Q/K-permuted), or a small array computed by
+the architecture. Concatenated along the first axis they give the output tensor in torch order,
+so a Mixtral expert stack is written expert by expert and never held in memory as a whole.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class Part:
     transpose: bool = False
     data: np.ndarray | None = None  # computed by the architecture instead of read
     offset: float = 0.0  # added to every value, in float32 (Gemma's RMSNorm weights are stored as 1 + w)
+    # (first, step): every step-th entry of the source's last axis from first, taken before any transpose
+    # (GPT-OSS's fused gate_up_proj interleaves gate and up columns)
+    cols: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -45,6 +48,9 @@ class Part:
         shape = self.ref.shape[len(self.index):]
         if self.rows is not None:
             shape = (self.rows[1] - self.rows[0], *shape[1:])
+        if self.cols is not None:
+            first, step = self.cols
+            shape = (*shape[:-1], len(range(first, shape[-1], step)))
         if self.transpose:
             shape = tuple(reversed(shape))
         return tuple(shape)
@@ -63,7 +69,7 @@ class Part:
             return
         assert self.ref is not None
         if self.transpose or len(self.shape) < 2:
-            t = self.ref.read(self.index, self.rows)
+            t = self._strided(self.ref.read(self.index, self.rows))
             if self.transpose:
                 t = t.transpose(-1, -2).contiguous()
             yield permute_qk(t, self.permute_heads) if self.permute_heads else t
@@ -75,8 +81,14 @@ class Part:
         base = self.rows[0] if self.rows is not None else 0
         for start in range(0, n_rows, step):
             stop = min(n_rows, start + step)
-            t = self.ref.read(self.index, (base + start, base + stop))
+            t = self._strided(self.ref.read(self.index, (base + start, base + stop)))
             yield permute_qk(t, (stop - start) // head_rows) if self.permute_heads else t
+
+    def _strided(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cols is None:
+            return t
+        first, step = self.cols
+        return t[..., first::step].contiguous()
 
 
 @dataclass
