@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
@@ -30,7 +29,8 @@ from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
 from edgequant.progress import progress_count
-from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
+from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, ImatrixResult, write_imatrix  # noqa: F401 - re-exported
+from edgequant.quantize.imatrix_llamacpp import compute_imatrix_llamacpp, resolve_engine
 
 _EXPERTS_MODULE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts$")
 _EXPERT_NAMES = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)
@@ -39,23 +39,6 @@ _EXPERT_NAMES = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, g
 _EXPERT_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)$")
 _EXPERT_LINEAR_TENSOR = {"gate_proj": _EXPERT_NAMES[0], "w1": _EXPERT_NAMES[0], "up_proj": _EXPERT_NAMES[1],
                          "w3": _EXPERT_NAMES[1], "down_proj": _EXPERT_NAMES[2], "w2": _EXPERT_NAMES[2]}
-
-
-@dataclass
-class ImatrixResult:
-    """What ``compute_imatrix`` wrote (``--json`` prints it)."""
-
-    path: str
-    entries: int
-    chunks: int
-    chunk_size: int
-    tokens: int
-    dataset: str
-    device: str
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Collector:
@@ -133,9 +116,14 @@ def compute_imatrix(
     chunks: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    engine: str = "auto",
 ) -> ImatrixResult:
-    """An importance matrix of ``source`` (an HF folder) on ``text``, written to ``output`` in
-    llama.cpp's GGUF imatrix format; see the module docstring."""
+    """An importance matrix of ``source`` on ``text``, written to ``output`` in llama.cpp's GGUF imatrix
+    format. ``engine`` (``edgequant.quantize.imatrix_llamacpp.resolve_engine``): ``torch`` runs an HF
+    folder through transformers (see the module docstring), ``llama.cpp`` a 16-bit GGUF (or an HF
+    folder converted to one) through llama.cpp's graph callback; ``auto`` picks by input and device."""
+    if resolve_engine(engine, source, device) == "llama.cpp":
+        return compute_imatrix_llamacpp(source, output, text=text, ctx=ctx, chunks=chunks, device=device, force=force)
     t0 = time.perf_counter()
     output = Path(output)
     check_writable([output], force=force)  # before minutes of compute, not after
@@ -153,6 +141,7 @@ def compute_imatrix(
     return ImatrixResult(
         path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
         tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
+        engine="torch",
     )
 
 
