@@ -89,3 +89,12 @@ def test_engine_choice_and_errors(smollm2_gguf_path, tiny_llama_dir, tmp_path):
     res = runner.invoke(app, ["imatrix", str(smollm2_gguf_path), "-o", str(tmp_path / "i.gguf")])
     assert res.exit_code == 2 and "is quantized" in res.output and "--outtype f16" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "i.gguf").exists()
+
+
+def test_manifest_records_the_engine_and_reads_old_manifests():
+    from edgequant.release.manifest import ImatrixArtifact, artifact_from_dict
+
+    a = ImatrixArtifact(path="imatrix.gguf", files=["imatrix.gguf"], text="pydoc", ctx=512, chunks=32, engine="llama.cpp")
+    assert artifact_from_dict(a.to_dict()).engine == "llama.cpp"
+    old = {k: v for k, v in a.to_dict().items() if k != "engine"}  # written before there was a choice
+    assert artifact_from_dict(old).engine is None and artifact_from_dict(old).ctx == 512

@@ -11,8 +11,8 @@ its activations and add, per input column, the sum of their squares and the numb
 - ``MUL_MAT_ID``: for each (token, slot) the expert in the ``ids`` tensor gets that token's row,
   so every expert has its own sums and count, and experts no token reached stay at zero.
 
-The text is tokenized once as llama-imatrix tokenizes it (``add_special``, no special-token
-parsing), cut into chunks of ``ctx`` tokens (the first token of each chunk overwritten with BOS
+The text is tokenized once as llama-imatrix tokenizes its ``-f`` file (one trailing newline dropped,
+``add_special``, no special-token parsing), cut into chunks of ``ctx`` tokens (the first token of each chunk overwritten with BOS
 when the vocabulary adds BOS) and each chunk is decoded from an empty cache with every token an
 output, so the last layer runs on all of them as in the tool. Nothing after the last collected
 node of a graph is needed (the output matrix and logits: the tool collects ``output.weight`` only
@@ -134,7 +134,9 @@ def compute_imatrix_llamacpp(
 def _gguf_of(source: str | Path):
     """``source`` itself when it is a GGUF; an HF folder converted to a temporary F16 GGUF (removed after)."""
     if is_gguf(source):
-        yield Path(source)
+        from edgequant.gguf_info import shard_paths
+
+        yield shard_paths(Path(source))[0]  # llama.cpp opens a split GGUF by its first shard
         return
     p = Path(source)
     if p.is_file():
@@ -148,9 +150,9 @@ def _gguf_of(source: str | Path):
 
 def check_sixteen_bit(path: Path) -> None:
     """Refuse a quantized GGUF: the matrix must come from the weights being quantized, not a quant of them."""
-    from edgequant.gguf_info import read_header
+    from edgequant.gguf_info import read_header, shard_paths
 
-    _, tensors = read_header(path)
+    tensors = [t for shard in shard_paths(path) for t in read_header(shard)[1]]
     bad = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2 and t.type not in SIXTEEN_BIT]
     if bad:
         raise EdgequantError(f"{path.name} is quantized ({bad[0].name} is {bad[0].type}); an imatrix is computed on a "
@@ -357,7 +359,8 @@ def _run(path: Path, col: Collector, text: str, ctx: int, n_chunks: int | None, 
 
     llm, cb = _open(path, col.callback, ctx, device, threads)
     try:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # common_tokenize(add_special, no parse)
+        # as llama-imatrix -f: one trailing newline dropped, then common_tokenize(add_special, no special parsing)
+        ids = llm.tokenize(text.removesuffix("\n").encode("utf-8"), add_bos=True, special=False)
         add_bos = bool(llm._model.add_bos_token())
         chunks = chunk_ids(ids, ctx, n_chunks, llm.token_bos() if add_bos else None)
         batch = llama_cpp.llama_batch_init(ctx, 0, 1)
