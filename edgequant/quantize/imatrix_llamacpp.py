@@ -19,7 +19,8 @@ node of a graph is needed (the output matrix and logits: the tool collects ``out
 with ``--process-output``), so from the second chunk on the callback stops the graph there.
 
 The engine works on any file llama.cpp runs, including architectures transformers cannot run here
-and files from llama.cpp's own converter; an HF folder is converted to a temporary F16 GGUF first.
+and files from llama.cpp's own converter; an HF folder is converted to a temporary F16 GGUF first
+(in a child process, so that the converter's torch runtime is not resident while llama.cpp runs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,11 +146,49 @@ def _gguf_of(source: str | Path):
     p = Path(source)
     if p.is_file():
         raise EdgequantError(f"{p} is neither a .gguf file nor an HF model folder; pass one of them")
+    with tempfile.TemporaryDirectory(prefix="edgequant-imatrix-") as tmp:
+        yield _convert_in_child(source, Path(tmp))
+
+
+_CHILD = "import sys; from edgequant.quantize.imatrix_llamacpp import child_convert; child_convert(*sys.argv[1:])"
+
+
+def _convert_in_child(source: str | Path, folder: Path) -> Path:
+    """``edgequant.export.convert`` to F16 in a child process: the torch runtime the converter loads
+    (~220 MB) is gone before llama.cpp runs, so the peak memory is the larger of the two steps, not their sum."""
+    import edgequant
+    from edgequant import progress
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(edgequant.__file__).parent.parent), env.get("PYTHONPATH")]))
+    quiet = "1" if getattr(progress, "_quiet", False) else "0"
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(folder), quiet], env=env,
+                          stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if "error" in answer:
+        raise EdgequantError(answer["error"])
+    if proc.returncode != 0 or "file" not in answer:
+        raise EdgequantError(f"converting {source} to a temporary F16 GGUF failed (exit status {proc.returncode}); "
+                             f"run edgequant convert {source} --outtype f16 to see why, then pass that file")
+    return Path(answer["file"])
+
+
+def child_convert(source: str, folder: str, quiet: str) -> None:
+    """The child's side: one JSON line on stdout, the file or the one-line error."""
+    import logging
+
+    from edgequant import progress
     from edgequant.export.convert import convert
 
-    with tempfile.TemporaryDirectory(prefix="edgequant-imatrix-") as tmp:
-        res = convert(source, Path(tmp), outtype="f16")
-        yield Path(res.files[0])
+    progress.set_quiet(quiet == "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        res = convert(source, Path(folder), outtype="f16")
+    except EdgequantError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        raise SystemExit(2) from None
+    print(json.dumps({"file": res.files[0]}), flush=True)
 
 
 def check_sixteen_bit(path: Path) -> None:
