@@ -5,7 +5,8 @@ For each model (default: SmolLM2-135M-Instruct, then the tiny random Mixtral of 
 
 1. convert the HF folder to an F16 GGUF (cached in the workdir) and write the built-in
    calibration text (Python's documentation, ``edgequant.text.builtin_text()``) to a file;
-2. compute an imatrix with ``edgequant imatrix`` (transformers, fp32 on CPU) and one with
+2. compute an imatrix with ``edgequant imatrix --engine ENGINE`` (default auto: llama.cpp on CPU; torch:
+   transformers, fp32 on CPU) and one with
    ``llama-imatrix -m F16.gguf -f text.txt -c CTX --chunks N -t THREADS --no-ppl -o theirs.gguf``
    (F16 weights, llama.cpp's CPU kernels), each in a fresh process (wall time, peak RSS);
 3. check that both tokenizers produce the same token ids for the chunks used;
@@ -171,7 +172,7 @@ def quantize_check(bins: Path, f16: Path, imatrix: Path, qtype: str, workdir: Pa
 
 
 def run_model(model: Path, workdir: Path, bins: Path | None, why: str | None, ctx: int, chunks: int,
-              threads: int, qtype: str) -> ModelParity:
+              threads: int, qtype: str, engine: str = "auto") -> ModelParity:
     from edgequant.text import builtin_text
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,7 @@ def run_model(model: Path, workdir: Path, bins: Path | None, why: str | None, ct
     ours = workdir / "ours.gguf"
     print(f"{model.name}: edgequant imatrix, {chunks} chunks of {ctx} ...", file=sys.stderr)
     m = measure([sys.executable, "-m", "edgequant", "imatrix", str(model), "-o", str(ours), "--text", str(text_path),
-                 "--ctx", str(ctx), "--chunks", str(chunks), "--force", "--json"], log=workdir / "ours.log", cwd=REPO)
+                 "--ctx", str(ctx), "--chunks", str(chunks), "--engine", engine, "--force", "--json"], log=workdir / "ours.log", cwd=REPO)
     if m["rc"] != 0:
         raise SystemExit(f"edgequant imatrix failed:\n{(workdir / 'ours.err').read_text()[-3000:]}")
     res.ours = {"path": str(ours), "seconds": round(m["seconds"], 1), "cpu_s": round(m["user_s"] + m["sys_s"], 1), "peak_rss_mb": round(m["maxrss_mb"]),
@@ -214,7 +215,7 @@ def print_report(results: list[ModelParity], threshold: float) -> None:
     for r in results:
         print(f"\n== {Path(r.model).name}: {r.chunks} chunks x {r.ctx} tokens")
         o = r.ours
-        print(f"   edgequant imatrix: {o['seconds']:.1f} s wall, {o['cpu_s']:.1f} s CPU, peak RSS {o['peak_rss_mb']:,} MB, {o['entries']} entries, {o['tokens']} tokens")
+        print(f"   edgequant imatrix ({o.get('engine', '?')}): {o['seconds']:.1f} s wall, {o['cpu_s']:.1f} s CPU, peak RSS {o['peak_rss_mb']:,} MB, {o['entries']} entries, {o['tokens']} tokens")
         if r.skipped:
             print(f"   llama-imatrix skipped: {r.skipped}")
             continue
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixtral-chunks", type=int, default=16, help="chunks for the tiny Mixtral (default 16)")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", default="auto", help="edgequant imatrix --engine: auto, llama.cpp or torch "
+                    "(benchmarks/bench_imatrix.py times every engine)")
     ap.add_argument("--quant-type", default="IQ2_XS", help="type for the llama-quantize --imatrix check (default IQ2_XS)")
     ap.add_argument("--threshold", type=float, default=0.99, help="report tensors correlating below this (default 0.99)")
     ap.add_argument("--llama-cpp-bin", help="folder with llama-imatrix and llama-quantize (default: $LLAMA_CPP_BIN)")
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
         jobs = [(smollm2_hf(), args.chunks)] + ([] if args.no_mixtral else [(tiny_mixtral(), args.mixtral_chunks)])
     workdir = args.workdir.expanduser().resolve()
-    results = [run_model(m, workdir / m.name, bins, why, args.ctx, n, args.threads, args.quant_type) for m, n in jobs]
+    results = [run_model(m, workdir / m.name, bins, why, args.ctx, n, args.threads, args.quant_type, args.engine) for m, n in jobs]
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2, default=float))
     else:

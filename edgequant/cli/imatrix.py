@@ -1,4 +1,4 @@
-"""``edgequant imatrix``: an importance matrix from running the HF model on calibration text."""
+"""``edgequant imatrix``: an importance matrix from running the model (a 16-bit GGUF or an HF folder) on calibration text."""
 
 from __future__ import annotations
 
@@ -7,30 +7,38 @@ from typing import Optional
 
 import typer
 
-from edgequant.cli.options import JsonOpt, TrustOpt, trust
+from edgequant.cli.options import JsonOpt, RepackOpt, TrustOpt, VerboseOpt, llama_options, trust
 from edgequant.cli.output import out, run, show
 
 
 def imatrix(
-    source: str = typer.Argument(..., help="HF model folder (the model you will quantize)."),
+    source: str = typer.Argument(..., help="16-bit GGUF (F16/BF16/F32) or HF model folder (the model you will quantize)."),
     output: Path = typer.Option(Path("imatrix.gguf"), "-o", "--output", help="Output imatrix file (GGUF)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", "--text", help="Calibration text file; default: the built-in Python docs corpus."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's -c)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all)."),
+    engine: str = typer.Option("auto", "--engine", help="llama.cpp (a GGUF, or an HF folder converted to F16 first), "
+                               "torch (an HF folder through transformers) or auto: llama.cpp for a GGUF and on CPU, "
+                               "torch for an HF folder on CUDA."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp engine: CPU threads (default: physical cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output."),
+    repack: Optional[str] = RepackOpt,
+    verbose: bool = VerboseOpt,
     trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Compute an importance matrix (llama.cpp's GGUF format) by running the model on calibration text."""
     trust(trust_remote_code)
-    from edgequant.quantize.imatrix import compute_imatrix
+    llama_options(repack, verbose)
+    from edgequant.quantize.imatrix_llamacpp import compute
 
-    r = run(lambda: compute_imatrix(source, output, text=calibration, ctx=ctx, chunks=chunks, device=device, force=force), as_json)
+    r = run(lambda: compute(source, output, engine=engine, text=calibration, ctx=ctx, chunks=chunks, device=device,
+                            threads=threads, force=force), as_json)
     show(r, as_json, _render)
 
 
 def _render(r) -> None:
-    """One line: the file, its matrices and what they were computed on."""
-    out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device}, "
-              f"{r.seconds:.1f} s", markup=False, highlight=False)
+    """One line: the file, its matrices and what they were computed on, by which engine."""
+    out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device} "
+              f"({r.engine}), {r.seconds:.1f} s", markup=False, highlight=False)

@@ -15,7 +15,6 @@ recomputed ``act(gate) * up`` (down input).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +27,8 @@ from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
 from edgequant.progress import progress_count
-from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, write_imatrix
-
-
-@dataclass
-class ImatrixResult:
-    """What ``compute_imatrix`` wrote (``--json`` prints it)."""
-
-    path: str
-    entries: int
-    chunks: int
-    chunk_size: int
-    tokens: int
-    dataset: str
-    device: str
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, ImatrixResult, write_imatrix  # noqa: F401 - re-exported
+from edgequant.quantize.imatrix_llamacpp import compute_imatrix_llamacpp, resolve_engine
 
 
 class _Collector:
@@ -123,9 +106,14 @@ def compute_imatrix(
     chunks: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    engine: str = "auto",
 ) -> ImatrixResult:
-    """An importance matrix of ``source`` (an HF folder) on ``text``, written to ``output`` in
-    llama.cpp's GGUF imatrix format; see the module docstring."""
+    """An importance matrix of ``source`` on ``text``, written to ``output`` in llama.cpp's GGUF imatrix
+    format. ``engine`` (``edgequant.quantize.imatrix_llamacpp.resolve_engine``): ``torch`` runs an HF
+    folder through transformers (see the module docstring), ``llama.cpp`` a 16-bit GGUF (or an HF
+    folder converted to one) through llama.cpp's graph callback; ``auto`` picks by input and device."""
+    if resolve_engine(engine, source, device) == "llama.cpp":
+        return compute_imatrix_llamacpp(source, output, text=text, ctx=ctx, chunks=chunks, device=device, force=force)
     t0 = time.perf_counter()
     output = Path(output)
     check_writable([output], force=force)  # before minutes of compute, not after
@@ -143,6 +131,7 @@ def compute_imatrix(
     return ImatrixResult(
         path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
         tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
+        engine="torch",
     )
 
 

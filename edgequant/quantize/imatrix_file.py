@@ -9,7 +9,7 @@ weighs each column by ``in_sum2 / counts`` (1 where an expert saw no token).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gguf
@@ -40,6 +40,24 @@ class ImatrixEntry:
         seen = self.counts > 0
         out[seen] = self.sums[seen] / self.counts[seen, None]
         return out
+
+
+@dataclass
+class ImatrixResult:
+    """What ``edgequant imatrix`` wrote (``--json`` prints it); ``engine``: llama.cpp or torch."""
+
+    path: str
+    entries: int
+    chunks: int
+    chunk_size: int
+    tokens: int
+    dataset: str
+    device: str
+    seconds: float
+    engine: str = "torch"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

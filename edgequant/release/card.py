@@ -382,6 +382,7 @@ def _imatrix_note(m: Manifest) -> list[str]:
     return ["### Importance matrix", "",
             f"Files marked imatrix were quantized with an importance matrix computed on {text}, "
             f"ctx {'?' if ctx is None else ctx}, {'all' if chunks is None else chunks} chunks"
+            + next((f", by {a.engine}" for a in reversed(im) if a.engine), "")
             + (f"; it is included as `{im[0].path}` for your own `llama-quantize --imatrix` runs." if im else "."), ""]
 
 

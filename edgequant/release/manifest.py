@@ -207,9 +207,11 @@ class ImatrixArtifact(Artifact):
     text: str | None = None
     ctx: int | None = None
     chunks: int | None = None
+    engine: str | None = None  # llama.cpp or torch; None in manifests written before there was a choice
 
     def to_dict(self) -> dict:
-        return {**self._common(), "type": self.type, "text": self.text, "ctx": self.ctx, "chunks": self.chunks}
+        return {**self._common(), "type": self.type, "text": self.text, "ctx": self.ctx, "chunks": self.chunks,
+                "engine": self.engine}
 
 
 def _metrics_dict(m: Metrics | None) -> dict | None:
@@ -241,7 +243,7 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []),
                             defuser_model_type=d.get("defuser_model_type"))
     if kind == "imatrix":
-        return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"))
+        return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"), engine=d.get("engine"))
     return Artifact(**common)
 
 

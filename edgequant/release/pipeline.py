@@ -119,9 +119,15 @@ class _Run:
 
     # -- stage keys: everything that changes what a stage makes --
 
+    def imatrix_engine(self) -> str:
+        from edgequant.quantize.imatrix_llamacpp import resolve_engine
+
+        return resolve_engine(self.r.imatrix.engine, self.ckpt.path, self.r.imatrix_device)
+
     def imatrix_key(self, text_sha256: str) -> str:
-        r = self.r
-        return stage_key("imatrix", self.fingerprint, text_sha256, r.imatrix.ctx, r.imatrix.chunks, self.versions.edgequant)
+        r, engine = self.r, self.imatrix_engine()
+        on = (self.base_key, self.versions.llama_cpp_python) if engine == "llama.cpp" else (self.fingerprint,)
+        return stage_key("imatrix", *on, engine, text_sha256, r.imatrix.ctx, r.imatrix.chunks, self.versions.edgequant)
 
     def gguf_key(self, v: GGUFVariant, im_key: str | None) -> str:
         return stage_key("gguf", v.to_dict(), self.base_key, im_key if v.imatrix else None, self.versions.llama_cpp_python)
@@ -193,12 +199,17 @@ def _imatrix_stage(run: _Run) -> None:
     r, im_path = run.r, run.out / "imatrix.gguf"
     run.im_key = run.imatrix_key(run.im_text.sha256)
 
-    def make():
-        from edgequant.quantize.imatrix import compute_imatrix
+    engine = run.imatrix_engine()
 
-        res = compute_imatrix(run.ckpt.path, im_path, text=run.im_text, ctx=r.imatrix.ctx, chunks=r.imatrix.chunks,
-                              device=r.imatrix_device, force=True)
-        return [im_path], {"text": res.dataset, "ctx": res.chunk_size, "chunks": res.chunks, "entries": res.entries}
+    def make():
+        from edgequant.quantize.imatrix_llamacpp import compute
+
+        # llama.cpp runs the base GGUF made just before (a split base loads from its first shard)
+        source = run.base_files[0] if engine == "llama.cpp" else run.ckpt.path
+        res = compute(source, im_path, engine=engine, text=run.im_text, ctx=r.imatrix.ctx, chunks=r.imatrix.chunks,
+                      device=r.imatrix_device, force=True)
+        return [im_path], {"text": res.dataset, "ctx": res.chunk_size, "chunks": res.chunks, "entries": res.entries,
+                           "engine": res.engine}
 
     run.stage("imatrix", "imatrix", run.im_key, make)
 
@@ -393,7 +404,8 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
                                  metrics=Metrics.from_bench_row(rows.get("base"), reference=True), **conv))
     if "imatrix" in recs and r.needs_imatrix:
         res = recs["imatrix"]["result"]
-        arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"]))
+        arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"],
+                                    engine=res.get("engine", "torch")))
     for v in r.gguf:
         res = recs[v.artifact]["result"]
         arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,

@@ -26,6 +26,7 @@ from edgequant.bench.options import BenchOptions
 from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.naming import gptq_label
 from edgequant.quantize.gptq_options import GPTQOptions
+from edgequant.quantize.imatrix_llamacpp import ENGINES as IMATRIX_ENGINES
 from edgequant.text import BUILTIN_ALIASES, DATASETS
 
 BASE_TYPES = ("auto", "f16", "bf16")
@@ -175,6 +176,8 @@ class ImatrixSettings(_Keys):
     chunks: int | None = key(None, "at most this many chunks; default: all", minimum=1)
     device: str | None = key(None, "where it is collected; default: cuda when devices has it, else cpu",
                              choices=DEVICES, lower=True)
+    engine: str = key("auto", "llama.cpp (runs the base GGUF) or torch (the HF folder); auto: torch on cuda, "
+                      "else llama.cpp", choices=IMATRIX_ENGINES, lower=True)
     default: bool = key(False, "use the imatrix for GGUF types that do not say imatrix = true/false")
 
 
