@@ -194,3 +194,21 @@ def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(oss_converted, tmp_path):
         got = llama_logits(res.files[0], ids)
         assert np.isfinite(got).all()
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), res
+
+
+def test_imatrix_covers_the_experts_and_the_torch_engine_refuses(oss_converted, tmp_path):
+    """The llama.cpp engine (on the F16 file) collects every expert stack; the torch engine's hooks do not
+    reach GPT-OSS's fused experts module, so it refuses in one line instead of writing a partial imatrix."""
+    from edgequant.quantize.imatrix import compute_imatrix
+    from edgequant.quantize.imatrix_file import read_imatrix
+
+    im = tmp_path / "imatrix.gguf"
+    compute_imatrix(oss_converted("f16").files[0], im, ctx=64, chunks=2)
+    entries = read_imatrix(im).entries
+    for b in range(2):
+        for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            assert f"blk.{b}.{k}.weight" in entries
+        assert entries[f"blk.{b}.ffn_up_exps.weight"].sums.shape[0] == N_EXPERT
+    with pytest.raises(EdgequantError, match="use --engine llama.cpp"):
+        compute_imatrix(_src(), tmp_path / "torch.gguf", ctx=64, chunks=2, engine="torch")
+    assert not (tmp_path / "torch.gguf").exists()

@@ -183,10 +183,11 @@ def test_q8_0_and_q4_k_m_of_the_f16_load_and_run(moe_converted, tmp_path):
 def test_imatrix_covers_every_expert_stack_and_drives_iq2_xxs(moe_converted, tmp_path, llama_tools):
     src, f16 = _src("fused"), moe_converted("fused", "f16").files[0]
     im = tmp_path / "imatrix.gguf"
-    compute_imatrix(src, im, ctx=128, chunks=2)
+    compute_imatrix(f16, im, ctx=128, chunks=2)  # the llama.cpp engine, on the F16 file
     entries = read_imatrix(im).entries
+    # as llama-imatrix: the router's input too (the router itself stays F32)
     assert set(entries) == {f"blk.{b}.{k}.weight" for b in range(2)
-                            for k in ("attn_q", "attn_k", "attn_v", "attn_output", *STACKS)}  # the router stays F32
+                            for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", *STACKS)}
     for name in (n for n in entries if "_exps" in n):  # one row per expert, each with its own token count
         assert entries[name].sums.shape[0] == N_EXPERT and (entries[name].counts > 0).sum() >= TOP_K, name
     # llama.cpp's own quantizer finds an entry for every matrix it quantizes, the expert stacks included

@@ -124,15 +124,25 @@ def compute_imatrix(
     batches = _chunks(ckpt, corpus.text, ctx, chunks)
     model = _load_model(ckpt, dev)
     col = _Collector()
-    _measure(model, batches, dev, _hooks(model, col, arch, int(ckpt.config.get("num_local_experts") or 0)),
-             ckpt.hf_architecture)
+    _measure(model, batches, dev, _hooks(model, col, arch, arch.expert_count()), ckpt.hf_architecture)
     result = Imatrix(entries=col.imatrix(), datasets=[corpus.name], chunk_count=len(batches), chunk_size=ctx)
+    _check_covered(arch, result)
     write_imatrix(result, output, force=force)
     return ImatrixResult(
         path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
         tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
         engine="torch",
     )
+
+
+def _check_covered(arch, result: Imatrix) -> None:
+    """Every matrix the GGUF will quantize got an entry: refuse a partial imatrix (a family whose modules the
+    hooks do not reach, such as GPT-OSS's experts) instead of writing it."""
+    missing = [n for n in arch.imatrix_matrices() if n not in result.entries]
+    if missing:
+        raise EdgequantError(
+            f"the torch imatrix engine collected nothing for {len(missing)} matrices of this "
+            f"{arch.ckpt.hf_architecture} (e.g. {missing[0]}); use --engine llama.cpp, which runs the converted GGUF")
 
 
 def _chunks(ckpt: Checkpoint, text: str, ctx: int, chunks: int | None) -> list[list[int]]:

@@ -362,8 +362,21 @@ def _layout_for(cls, hf_architecture: str) -> QuantLayout:
     return cls.quant_layout
 
 
+def _expert_count(self) -> int:
+    """How many experts each MoE block has (0 for a dense model), under either spelling of the key."""
+    return int(self.hparam("num_local_experts", "num_experts", default=0) or 0)
+
+
+def _imatrix_matrices(self) -> list[str]:
+    """The GGUF matrices an importance matrix should cover: every planned ``blk.*`` tensor of two or more
+    dimensions that llama.cpp may quantize (routers and other F32-kept tensors left out)."""
+    return [t.name for t in self.plan() if t.name.startswith("blk.") and len(t.shape) >= 2 and not t.keep_f32]
+
+
 Architecture.quant_layout = QuantLayout()
 Architecture.layout_for = classmethod(_layout_for)
+Architecture.expert_count = _expert_count
+Architecture.imatrix_matrices = _imatrix_matrices
 
 
 def quant_layout(hf_architecture: str) -> QuantLayout:
