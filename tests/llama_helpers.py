@@ -55,3 +55,27 @@ def hf_tokenizer(path: str):
 def hf_logits(path: Path | str, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return hf_model(str(path))(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_greedy(llm, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy decoding in llama.cpp until it says end of generation (the EOG token included) or ``max_new`` tokens."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    llm.eval(prompt)
+    out: list[int] = []
+    while len(out) < max_new:
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        llm.eval([tok])
+    return out
+
+
+def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
+    """transformers' greedy generation with the folder's generation_config (its stop ids), new tokens only."""
+    with torch.no_grad():
+        full = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                              generation_config=model.generation_config)
+    return full[0, len(prompt):].tolist()

@@ -27,7 +27,7 @@ from edgequant.export.convert import convert
 from edgequant.gguf_info import read_header
 from edgequant.quantize.gguf_quant import quantize
 from fixtures_gpt_oss import EXPERT_FF, N_EXPERT, TOP_K, WINDOW
-from llama_helpers import hf_tokenizer, llama, llama_logits, llama_tokenize
+from llama_helpers import hf_greedy, llama_greedy, hf_tokenizer, llama, llama_logits, llama_tokenize
 
 PROBE = ("The quick brown fox jumps over 1234 lazy dogs.\nIt was the best of times, it was the worst of times; "
          "东京は日本の首都です。 def f(x):\n    return x ** 2  # 🙂 <|start|>assistant<|message|>hm<|end|>")
@@ -163,24 +163,14 @@ def test_greedy_generation_stops_at_return_like_transformers(oss_converted):
     tok, model, path = hf_tokenizer(str(_src())), _hf(str(_src())), oss_converted().files[0]
     prompt = tok.apply_chat_template(fixtures_tokjson.EOT_MESSAGES, add_generation_prompt=True, tokenize=True,
                                      return_dict=False)
-    with torch.no_grad():
-        full = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                              generation_config=model.generation_config)
-    want = full[0, len(prompt):].tolist()
+    want = hf_greedy(model, prompt, 16)
     ret, end, call = (tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|end|>", "<|call|>"))
     assert want[-1] == ret and len(want) == fixtures_tokjson.EOT_STEP + 1, want
     with llama(path, n_ctx=512) as llm:
         vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
         assert llama_cpp.llama_vocab_is_eog(vocab, ret) and llama_cpp.llama_vocab_is_eog(vocab, call)
         assert not llama_cpp.llama_vocab_is_eog(vocab, end)  # Harmony: <|end|> closes a message, not the answer
-        llm.eval(prompt)
-        got: list[int] = []
-        while len(got) < 16:
-            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            if llama_cpp.llama_vocab_is_eog(vocab, got[-1]):
-                break
-            llm.eval([got[-1]])
-    assert got == want
+        assert llama_greedy(llm, prompt, 16) == want
 
 
 # -- quantize ----------------------------------------------------------------------------------

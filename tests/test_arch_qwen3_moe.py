@@ -15,7 +15,6 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-import torch
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import fixtures_qwen_moe
@@ -31,7 +30,7 @@ from edgequant.quantize.imatrix import compute_imatrix
 from edgequant.quantize.imatrix_file import read_imatrix
 from fixtures_qwen import ENDOFTEXT, IM_END, IM_START, QWEN_VOCAB_SIZE
 from fixtures_qwen_moe import EXPERT_FF, LAYOUTS, N_EXPERT, TOP_K
-from llama_helpers import hf_logits, hf_model, hf_tokenizer, llama, llama_logits, llama_tokenize
+from llama_helpers import hf_greedy, llama_greedy, hf_logits, hf_model, hf_tokenizer, llama, llama_logits, llama_tokenize
 
 PROBE = ("The quick brown fox jumps over 1234 lazy dogs.\nIt was the best of times, it was the worst of times; "
          "东京は日本の首都です。 def f(x):\n    return x ** 2  # 🙂 <think>\nhm</think>")
@@ -148,22 +147,12 @@ def test_greedy_generation_stops_at_im_end_like_transformers(moe_converted):
     tok, model = hf_tokenizer(str(folder)), hf_model(str(folder))
     prompt = tok.apply_chat_template(fixtures_tokjson.EOT_MESSAGES, add_generation_prompt=True, tokenize=True,
                                      return_dict=False)
-    with torch.no_grad():
-        full = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                              generation_config=model.generation_config)
-    want = full[0, len(prompt):].tolist()
+    want = hf_greedy(model, prompt, 16)
     assert want[-1] == IM_END and len(want) == fixtures_tokjson.EOT_STEP + 1, want
     with llama(path, n_ctx=128) as llm:
         vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
         assert llama_cpp.llama_vocab_is_eog(vocab, IM_END) and llama_cpp.llama_vocab_is_eog(vocab, ENDOFTEXT)
-        llm.eval(prompt)
-        got: list[int] = []
-        while len(got) < 16:
-            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            if llama_cpp.llama_vocab_is_eog(vocab, got[-1]):
-                break
-            llm.eval([got[-1]])
-    assert got == want
+        assert llama_greedy(llm, prompt, 16) == want
 
 
 # -- quantize ----------------------------------------------------------------------------------

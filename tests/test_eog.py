@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 import pytest
-import torch
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import fixtures
@@ -22,7 +20,7 @@ import fixtures_phi
 import fixtures_qwen
 import fixtures_tokjson
 from edgequant.export.convert import convert
-from llama_helpers import hf_model, hf_tokenizer, llama
+from llama_helpers import hf_greedy, hf_model, hf_tokenizer, llama, llama_greedy
 
 MAX_NEW = 32
 FAMILIES = {  # name: (source folder, the end-of-turn token of its chat template)
@@ -52,30 +50,13 @@ def eot_model(tmp_path_factory):
     return get
 
 
-def _llama_greedy(llm, prompt: list[int]) -> list[int]:
-    """Greedy decoding until llama.cpp says end of generation (the EOG token included) or MAX_NEW tokens."""
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    llm.eval(prompt)
-    out: list[int] = []
-    while len(out) < MAX_NEW:
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(tok)
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            break
-        llm.eval([tok])
-    return out
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_generation_stops_at_end_of_turn_like_transformers(name, eot_model):
     folder, path, _ = eot_model(name)
     tok, model = hf_tokenizer(str(folder)), hf_model(str(folder))
     messages = fixtures_tokjson.EOT_MESSAGES
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    with torch.no_grad():
-        full = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False,
-                              generation_config=model.generation_config)
-    want = full[0, len(prompt):].tolist()
+    want = hf_greedy(model, prompt, MAX_NEW)
     eot = tok.convert_tokens_to_ids(FAMILIES[name][1])
     assert want[-1] == eot and len(want) == (6 if name == "smollm2" else fixtures_tokjson.EOT_STEP + 1), want
     with llama(path, n_ctx=256) as llm:
@@ -85,7 +66,7 @@ def test_greedy_generation_stops_at_end_of_turn_like_transformers(name, eot_mode
         rendered = fmt(messages=messages)
         ids = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
         assert ids == prompt
-        assert _llama_greedy(llm, ids) == want
+        assert llama_greedy(llm, ids, MAX_NEW) == want
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
