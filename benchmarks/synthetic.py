@@ -73,10 +73,10 @@ MISTRAL_TEMPLATE = (
 )
 
 
-def synth_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes of a Mistral checkpoint, in writing order."""
-    h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = cfg["head_dim"]
+def synth_tensors(cfg: dict[str, Any], *, qk_norm: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes of a Mistral-style decoder, in writing order; ``qk_norm`` adds Qwen3's
+    per-head q/k norms, and ``tie_word_embeddings`` leaves out ``lm_head``."""
+    h, ff, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
     for i in range(cfg["num_hidden_layers"]):
@@ -87,12 +87,15 @@ def synth_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.k_proj.weight", (kv, h)),
             (p + "self_attn.v_proj.weight", (kv, h)),
             (p + "self_attn.o_proj.weight", (h, q)),
+            *([(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))] if qk_norm else []),
             (p + "post_attention_layernorm.weight", (h,)),
             (p + "mlp.gate_proj.weight", (ff, h)),
             (p + "mlp.up_proj.weight", (ff, h)),
             (p + "mlp.down_proj.weight", (h, ff)),
         ]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", (v, h)))
     return out
 
 
@@ -265,30 +268,6 @@ QWEN3_CONFIG: dict[str, Any] = {
 QWEN3_VERSION = 1
 
 
-def qwen3_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes of a Qwen3 checkpoint with tied embeddings, in writing order."""
-    h, ff, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (q, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, q)),
-            (p + "self_attn.q_norm.weight", (hd,)),
-            (p + "self_attn.k_norm.weight", (hd,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "mlp.gate_proj.weight", (ff, h)),
-            (p + "mlp.up_proj.weight", (ff, h)),
-            (p + "mlp.down_proj.weight", (h, ff)),
-        ]
-    out.append(("model.norm.weight", (h,)))
-    return out
-
-
 def _qwen_tokenizer(out: Path) -> None:
     """The tokenizer files of the tiny Qwen3 test fixture (the real Qwen tokenizer and chat template)."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -305,4 +284,4 @@ def _qwen_tokenizer(out: Path) -> None:
 def synthetic_qwen3_1b(cache: Path = CACHE) -> Path:
     """The synthetic ~1.3B Qwen3 (the real Qwen tokenizer)."""
     spec = {"version": QWEN3_VERSION, "config": QWEN3_CONFIG, "seed": SYNTH_SEED}
-    return _cached("synthetic-qwen3-1b", spec, QWEN3_CONFIG, qwen3_tensors(QWEN3_CONFIG), _qwen_tokenizer, cache)
+    return _cached("synthetic-qwen3-1b", spec, QWEN3_CONFIG, synth_tensors(QWEN3_CONFIG, qk_norm=True), _qwen_tokenizer, cache)
