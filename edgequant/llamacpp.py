@@ -258,6 +258,27 @@ def last_errors() -> list[str]:
     return list(_log_state["errors"])
 
 
+@contextlib.contextmanager
+def context_params(**fields):
+    """``Llama`` exposes only some of llama.cpp's context parameters: while a context is made inside this
+    block, llama.cpp's default context params carry ``fields`` (``n_seq_max``, ``cb_eval``, ...)."""
+    import llama_cpp.llama_cpp as C
+
+    original = C.llama_context_default_params
+
+    def params():
+        p = original()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    C.llama_context_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_context_default_params = original
+
+
 def open_llama(path: str | Path, **kwargs):
     """``llama_cpp.Llama`` with this host's buffer policy and llama.cpp's logs kept quiet (unless verbose)."""
     import llama_cpp

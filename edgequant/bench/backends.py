@@ -100,25 +100,12 @@ def chunks_per_decode(ctx: int, n_chunks: int | None = None) -> int:
     return max(1, min(n_seq, n_chunks)) if n_chunks else n_seq
 
 
-@contextlib.contextmanager
 def _sequences(n_seq: int):
-    """``Llama`` sets no ``n_seq_max``: while its context is made, llama.cpp's default params carry
-    ours (one KV stream per chunk, not unified, as llama-perplexity's ``n_parallel``)."""
-    import llama_cpp.llama_cpp as C
+    """``Llama`` sets no ``n_seq_max``: one KV stream per chunk, not unified, as llama-perplexity's
+    ``n_parallel``."""
+    from edgequant.llamacpp import context_params
 
-    original = C.llama_context_default_params
-
-    def params():
-        p = original()
-        p.n_seq_max = n_seq
-        p.kv_unified = False
-        return p
-
-    C.llama_context_default_params = params
-    try:
-        yield
-    finally:
-        C.llama_context_default_params = original
+    return context_params(n_seq_max=n_seq, kv_unified=False)
 
 
 class LlamaCppBackend:

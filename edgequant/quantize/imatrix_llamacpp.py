@@ -356,24 +356,14 @@ class Collector:
 
 @contextlib.contextmanager
 def _with_callback(callback):
-    """``Llama`` takes no ``cb_eval``: while its context is made, llama.cpp's default context params carry it."""
+    """``Llama`` takes no ``cb_eval``: the callback rides on llama.cpp's default context params."""
     import llama_cpp
-    import llama_cpp.llama_cpp as C
+
+    from edgequant.llamacpp import context_params
 
     cb = llama_cpp.ggml_backend_sched_eval_callback(callback)
-    original = C.llama_context_default_params
-
-    def params():
-        p = original()
-        p.cb_eval = cb
-        p.cb_eval_user_data = None
-        return p
-
-    C.llama_context_default_params = params
-    try:
+    with context_params(cb_eval=cb, cb_eval_user_data=None):
         yield cb
-    finally:
-        C.llama_context_default_params = original
 
 
 def _open(path: Path, callback, ctx: int, device: str, threads: int):
