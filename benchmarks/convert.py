@@ -15,9 +15,10 @@ llama.cpp's converter is found through ``--llama-cpp-dir`` or ``$LLAMA_CPP_DIR``
 source tree holding ``convert_hf_to_gguf.py`` and ``gguf-py/``); without it that column is
 skipped and the reason printed.
 
-``--synthetic-1b`` and ``--synthetic-qwen3-1b`` build (once, cached under
+``--synthetic-1b``, ``--synthetic-qwen3-1b`` and ``--synthetic-qwen3-moe`` build (once, cached under
 ``~/.cache/edgequant/bench/``) a ~1.03B-parameter Mistral-shaped and a ~1.3B-parameter Qwen3-shaped
-checkpoint with random bf16 weights (see ``benchmarks/synthetic.py``).
+checkpoint, and two Qwen3-30B-A3B layers at real width (128 experts), with random bf16 weights (see
+``benchmarks/synthetic.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import CACHE, synthetic_1b, synthetic_qwen3_1b  # noqa: E402
+from synthetic import CACHE, synthetic_1b, synthetic_qwen3_1b, synthetic_qwen3_moe_2l  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], metavar="DIR", help="an HF model folder (repeatable)")
     ap.add_argument("--synthetic-1b", action="store_true", help="benchmark the cached synthetic ~1B Mistral (built on first use)")
     ap.add_argument("--synthetic-qwen3-1b", action="store_true", help="benchmark the cached synthetic ~1.3B Qwen3 (built on first use)")
+    ap.add_argument("--synthetic-qwen3-moe", action="store_true",
+                    help="benchmark two Qwen3-30B-A3B layers at real width, 128 experts (~4 GB, built on first use)")
     ap.add_argument("--outtype", action="append", default=[], choices=["f16", "bf16", "f32", "q8_0"],
                     help="output type (repeatable; default f16)")
     ap.add_argument("--llama-cpp-dir", help="llama.cpp source tree with convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR)")
@@ -387,12 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     models = [Path(m).expanduser() for m in args.model]
+    if args.synthetic_qwen3_moe:
+        models.insert(0, synthetic_qwen3_moe_2l())
     if args.synthetic_qwen3_1b:
         models.insert(0, synthetic_qwen3_1b())
     if args.synthetic_1b:
         models.insert(0, synthetic_1b())
     if not models:
-        ap.error("nothing to benchmark: give --synthetic-1b, --synthetic-qwen3-1b and/or --model DIR")
+        ap.error("nothing to benchmark: give --synthetic-1b, --synthetic-qwen3-1b, --synthetic-qwen3-moe and/or --model DIR")
     for m in models:
         if not (m / "config.json").is_file():
             ap.error(f"{m} is not a Hugging Face model folder (no config.json)")

@@ -9,6 +9,10 @@ memory, and a small SentencePiece tokenizer trained on Python's own help topics 
 ≠ hidden/heads, tied embeddings, ``vocab_size`` 151936 above the tokenizer's 151669 tokens) with the
 real Qwen tokenizer and Qwen3 chat template of the test fixtures (llama.cpp's
 ``models/ggml-vocab-qwen2.gguf`` turned into ``tokenizer.json``).
+
+``synthetic_qwen3_moe_2l()``: two decoder layers of Qwen3-30B-A3B at their real width (hidden 2048,
+128 experts of 768 rows, top-8, 32 query heads of 128, untied 151936-row embeddings; ~2.0B parameters,
+4 GB of bf16) with the per-expert tensor names ``save_pretrained`` writes and the same Qwen tokenizer.
 """
 
 from __future__ import annotations
@@ -285,3 +289,48 @@ def synthetic_qwen3_1b(cache: Path = CACHE) -> Path:
     """The synthetic ~1.3B Qwen3 (the real Qwen tokenizer)."""
     spec = {"version": QWEN3_VERSION, "config": QWEN3_CONFIG, "seed": SYNTH_SEED}
     return _cached("synthetic-qwen3-1b", spec, QWEN3_CONFIG, synth_tensors(QWEN3_CONFIG, qk_norm=True), _qwen_tokenizer, cache)
+
+
+# -- two layers of Qwen3-30B-A3B at real width -----------------------------------------------
+
+QWEN3_MOE_CONFIG: dict[str, Any] = {
+    **{k: v for k, v in QWEN3_CONFIG.items() if k != "intermediate_size"},
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "num_hidden_layers": 2,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
+    "tie_word_embeddings": False,
+}
+QWEN3_MOE_VERSION = 1
+
+
+def moe_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes of a Qwen3-MoE decoder with per-expert Linears (router ``mlp.gate``)."""
+    h, ff, n = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for name, shape in synth_tensors({**cfg, "intermediate_size": ff}, qk_norm=True):
+        if ".mlp." not in name:
+            out.append((name, shape))
+        elif name.endswith("mlp.gate_proj.weight"):  # the first of a layer's three dense MLP tensors
+            p = name.removesuffix("gate_proj.weight")
+            out.append((p + "gate.weight", (n, h)))
+            for e in range(n):
+                out += [(f"{p}experts.{e}.gate_proj.weight", (ff, h)), (f"{p}experts.{e}.up_proj.weight", (ff, h)),
+                        (f"{p}experts.{e}.down_proj.weight", (h, ff))]
+    return out
+
+
+def synthetic_qwen3_moe_2l(cache: Path = CACHE) -> Path:
+    """Two Qwen3-30B-A3B layers at real width (the real Qwen tokenizer)."""
+    spec = {"version": QWEN3_MOE_VERSION, "config": QWEN3_MOE_CONFIG, "seed": SYNTH_SEED}
+    return _cached("synthetic-qwen3-moe-2l", spec, QWEN3_MOE_CONFIG, moe_tensors(QWEN3_MOE_CONFIG), _qwen_tokenizer, cache)

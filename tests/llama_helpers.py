@@ -38,9 +38,13 @@ def llama_tokenize(path: Path | str, text: str, *, add_bos: bool = True) -> list
 
 @functools.lru_cache(maxsize=8)
 def hf_model(path: str):
-    from transformers import AutoModelForCausalLM
+    """The checkpoint in float32; a multimodal class transformers has no causal-LM mapping for (Mistral 3)
+    as its image-text model, which runs text-only input through the same language model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    causal = type(AutoConfig.from_pretrained(path)) in AutoModelForCausalLM._model_mapping
+    auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+    model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 

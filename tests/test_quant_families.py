@@ -1,5 +1,5 @@
 """The quantizers on the dense families of issue 13 (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal
-class, Phi-3): a GPTQ checkpoint that transformers reloads and whose kernel computes what our own
+class, Phi-3, and the llama-path relatives SmolLM3, Granite, Ministral 3 and its multimodal class): a GPTQ checkpoint that transformers reloads and whose kernel computes what our own
 unpacking says (Phi-3's split gate/up layers stacked back exactly), and an imatrix whose entries are
 exactly the converted GGUF's block matrices, which llama.cpp's quantizer finds, and a Q4_K_M made
 with it that llama.cpp runs."""
@@ -16,6 +16,7 @@ import torch
 import fixtures_gemma
 import fixtures_phi
 import fixtures_qwen
+import fixtures_relatives
 from edgequant.checkpoint import open_checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.export.archs.base import quant_layout
@@ -39,10 +40,17 @@ FAMILIES = {
     "gemma3": fixtures_gemma.tiny_gemma3,
     "gemma3_vlm": fixtures_gemma.tiny_gemma3_vlm,
     "phi3": fixtures_phi.tiny_phi3,
+    "smollm3": fixtures_relatives.tiny_smollm3,
+    "granite": fixtures_relatives.tiny_granite,
+    "ministral3": fixtures_relatives.tiny_ministral3,
+    "mistral3_vlm": fixtures_relatives.tiny_mistral3_vlm,
 }
 # Qwen's imatrix (Qwen3's names, the same as Qwen2's) is checked by tests/test_arch_qwen.py: converting
-# the 151,936-token vocabulary again would cost ~25 s
-IMATRIX_FAMILIES = [f for f in FAMILIES if not f.startswith("qwen")]
+# the 151,936-token vocabulary again would cost ~25 s. The llama-path relatives have the tiny Llama's
+# tensor names: only Mistral 3's multimodal class (its decoder under the language model) is checked.
+IMATRIX_FAMILIES = [f for f in FAMILIES if not f.startswith("qwen") and f not in ("smollm3", "granite", "ministral3")]
+# transformers loads Mistral 3's multimodal class only as an image-text model: edgequant gptq refuses it
+GPTQ_FAMILIES = [f for f in FAMILIES if f != "mistral3_vlm"]
 TINY = GPTQOptions(samples=16, seq_len=128)
 PHI3_MODULES = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
 
@@ -66,7 +74,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GPTQ_FAMILIES)
 def test_gptq_reloads_in_transformers(family, tmp_path):
     src = FAMILIES[family]()
     ckpt = open_checkpoint(src)

@@ -389,3 +389,8 @@ def quant_layout(hf_architecture: str) -> QuantLayout:
     except EdgequantError:
         return QuantLayout()
     return cls.layout_for(hf_architecture)
+
+
+# The text decoder of a multimodal class (Gemma 3's, Mistral 3's): its blocks under the language model,
+# as transformers 5 names the modules, then as older checkpoints spell the tensors.
+MULTIMODAL_TEXT_LAYOUT = QuantLayout(blocks=("model.language_model.layers", "language_model.model.layers"))

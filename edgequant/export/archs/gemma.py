@@ -26,14 +26,13 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import MULTIMODAL_TEXT_PREFIXES, VISION_PARTS, Architecture, QuantLayout
+from edgequant.export.archs.base import MULTIMODAL_TEXT_LAYOUT, MULTIMODAL_TEXT_PREFIXES, VISION_PARTS, Architecture, QuantLayout
 from edgequant.export.plan import Part, PlannedTensor
 
 T = gguf.MODEL_TENSOR
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 # Gemma3ForConditionalGeneration: transformers' modules under model.language_model, checkpoints under either spelling
-_VLM_LAYOUT = QuantLayout(blocks=("model.language_model.layers", "language_model.model.layers"))
 _BLOCK_NEEDS = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_POST_NORM, T.FFN_NORM,
                 T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM)
 
@@ -236,7 +235,7 @@ class Gemma3(_Gemma):
 
     @classmethod
     def layout_for(cls, hf_architecture: str) -> QuantLayout:
-        return _VLM_LAYOUT if hf_architecture == "Gemma3ForConditionalGeneration" else cls.quant_layout
+        return MULTIMODAL_TEXT_LAYOUT if hf_architecture == "Gemma3ForConditionalGeneration" else cls.quant_layout
 
     def write_attention(self, w: gguf.GGUFWriter) -> None:
         if self.softcap("attn_logit_softcapping") is not None:

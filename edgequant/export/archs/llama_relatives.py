@@ -25,7 +25,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import MULTIMODAL_TEXT_PREFIXES, VISION_PARTS
+from edgequant.export.archs.base import MULTIMODAL_TEXT_LAYOUT, MULTIMODAL_TEXT_PREFIXES, VISION_PARTS, QuantLayout
 from edgequant.export.archs.llama import Llama
 
 SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's fixed n_no_rope_layer_step
@@ -119,6 +119,10 @@ class Mistral3(_Relative):
     @classmethod
     def vocab_rows(cls, ckpt) -> int | None:
         return cls.model_config(ckpt).get("vocab_size")
+
+    @classmethod
+    def layout_for(cls, hf_architecture: str) -> QuantLayout:
+        return MULTIMODAL_TEXT_LAYOUT if hf_architecture == "Mistral3ForConditionalGeneration" else cls.quant_layout
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
