@@ -1,4 +1,5 @@
-"""Releases of the dense families (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal class, Phi-3), and their
+"""Releases of the dense families (Qwen2, Qwen3, Gemma 2, Gemma 3 and its multimodal class, Phi-3, the llama-path
+relatives SmolLM3, Granite, Ministral 3 and its multimodal class), and their
 Ollama Modelfiles checked against the real chat templates (llama.cpp's models/templates/) rendered by Jinja.
 
 The Go templates are evaluated by tests/go_template.py with the values Ollama passes (system messages stay
@@ -19,6 +20,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 import fixtures_gemma
 import fixtures_phi
 import fixtures_qwen
+import fixtures_relatives
 from edgequant.llamacpp_tools import vendored
 from edgequant.release import modelfile as M
 from edgequant.release.manifest import ChatTemplate
@@ -153,6 +155,11 @@ RELEASES = {
     "Gemma3ForCausalLM": (fixtures_gemma.tiny_gemma3, "gemma", "<start_of_turn>user", True, "exact"),
     "Gemma3ForConditionalGeneration": (fixtures_gemma.tiny_gemma3_vlm, "gemma", "<start_of_turn>user", True, "exact"),
     "Phi3ForCausalLM": (fixtures_phi.tiny_phi3, "phi3", "<|user|>", True, "ignored"),
+    # the llama-path relatives (the tiny Llama's tokenizer and Llama 3 template)
+    "SmolLM3ForCausalLM": (fixtures_relatives.tiny_smollm3, "llama3", "<|start_header_id|>user", True, None),
+    "GraniteForCausalLM": (fixtures_relatives.tiny_granite, "llama3", "<|start_header_id|>user", True, None),
+    "Ministral3ForCausalLM": (fixtures_relatives.tiny_ministral3, "llama3", "<|start_header_id|>user", True, None),
+    "Mistral3ForConditionalGeneration": (fixtures_relatives.tiny_mistral3_vlm, "llama3", "<|start_header_id|>user", False, None),
 }
 GPTQ = "[[gptq]]\nbits = 4\ngroup_size = 32\nsamples = 8\nseq_len = 64\n"
 IMATRIX = "\n[imatrix]\nctx = 64\nchunks = 2\n"
