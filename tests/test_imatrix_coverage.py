@@ -234,3 +234,37 @@ def test_card_shows_coverage_for_moe_only():
     assert "reached 14 of the 16 experts (2 MoE layers × 8)" in card and "min 0, median 8, max 20" in card
     assert "2 experts saw no token: their slots in the importance matrix hold the mean" in card
     assert "| 1 | 6/8 | 0 | 8.5 | 20 | 1, 4 |" in card and "| 0 | 8/8 | 4 | 8 | 12 | — |" in card
+
+
+def test_release_manifest_and_card_carry_coverage(tiny_mixtral_dir, tmp_path):
+    """A Mixtral release: the imatrix stage's coverage is in manifest.json and the card; a stage record made
+    before there was coverage (none in its result) still gives it, read from the imatrix file."""
+    from edgequant.release.pipeline import release
+    from edgequant.release.recipe import load_recipe
+    from test_release import recipe_text, write_recipe
+
+    out = tmp_path / "dist"
+    text = recipe_text(tiny_mixtral_dir, out, gguf='[{type = "Q4_K_M", imatrix = true}]')
+    text = text.replace("\n[bench]", "\n[imatrix]\nctx = 32\nchunks = 1\n\n[bench]").replace(
+        "repetitions = 1", "repetitions = 1\nspeed = false")
+    recipe = write_recipe(tmp_path, text)
+    logged: list[str] = []
+    assert release(load_recipe(recipe), log=logged.append).status == "ok"
+
+    def coverage() -> dict:
+        m = json.loads((out / "manifest.json").read_text())
+        return next(a for a in m["artifacts"] if a["kind"] == "imatrix")["coverage"]
+
+    cov = coverage()
+    assert cov == read_imatrix(out / "imatrix.gguf").coverage.to_dict() and len(cov["layers"]) == 2
+    card = (out / "README.md").read_text()
+    assert f"reached {cov['reached']} of the 16 experts (2 MoE layers × 8)" in card
+    assert "| Layer | Experts reached |" in card
+    assert cov["unseen"] > 0 and cov["policy"] == "fill"  # 32 tokens do not reach every expert
+    assert any("saw no calibration token" in line for line in logged) and "saw no token" in card
+    state = out / ".edgequant" / "state.json"
+    data = json.loads(state.read_text())
+    del data["artifacts"]["imatrix"]["result"]["coverage"]  # as an older edgequant recorded it
+    state.write_text(json.dumps(data))
+    r = release(load_recipe(recipe))
+    assert "imatrix" in r.skipped and coverage() == cov
