@@ -49,12 +49,13 @@ def mixtral_f32(tiny_mixtral_dir, tmp_path_factory) -> Path:
 
 def routed_by_hooks(folder: Path, ctx: int, n_chunks: int) -> np.ndarray:
     """[layer, expert] tokens routed, counted by pre-hooks on transformers' routers over llama.cpp's chunks of
-    the text (back to back, the first token of each overwritten with BOS)."""
+    the text (back to back, the first token of each overwritten with BOS when the tokenizer adds one)."""
     tok = hf_tokenizer(str(folder))
     ids = tok(TEXT).input_ids
-    assert ids[0] == tok.bos_token_id and len(ids) >= ctx * n_chunks
+    bos = tok.bos_token_id if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else None
+    assert len(ids) >= ctx * n_chunks
     model = hf_model(str(folder))
-    k, n = model.config.num_experts_per_tok, model.config.num_local_experts
+    k, n = model.config.num_experts_per_tok, getattr(model.config, "num_local_experts", None) or model.config.num_experts
     counts = np.zeros((len(model.model.layers), n), dtype=np.int64)
 
     def hook(layer: int):
@@ -68,7 +69,8 @@ def routed_by_hooks(folder: Path, ctx: int, n_chunks: int) -> np.ndarray:
     with torch.no_grad():
         for c in range(n_chunks):
             chunk = ids[c * ctx:(c + 1) * ctx]
-            chunk[0] = tok.bos_token_id
+            if bos is not None:
+                chunk[0] = bos
             model(torch.tensor([chunk]))
     for h in handles:
         h.remove()

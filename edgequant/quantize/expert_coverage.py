@@ -26,6 +26,7 @@ lists their ids per layer. A tensor none of whose experts saw a token cannot be 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -49,9 +50,10 @@ def _stack_names() -> tuple[str, ...]:
     return tuple(gguf.TENSOR_NAMES[k] for k in kinds if k is not None)
 
 
-def _stack_patterns() -> list[re.Pattern]:
+@functools.lru_cache(maxsize=1)
+def _stack_patterns() -> tuple[re.Pattern, ...]:
     """One pattern per stack kind (the block number its group), in the order of :func:`_stack_names`."""
-    return [re.compile("^" + re.escape(n).replace(re.escape("{bid}"), r"(\d+)", 1) + r"\.weight$") for n in _stack_names()]
+    return tuple(re.compile("^" + re.escape(n).replace(re.escape("{bid}"), r"(\d+)", 1) + r"\.weight$") for n in _stack_names())
 
 
 def _is_stack(name: str, entry) -> bool:
@@ -214,7 +216,7 @@ def coverage_of(m, policy: str | None = None) -> ExpertCoverage | None:
     for block, names in stacks.items():
         name = names[0]
         counts = np.asarray(m.entries[name].counts, dtype=np.float64).copy()
-        was_filled = sorted(set(filled.get(name, [])))
+        was_filled = sorted({e for e in filled.get(name, []) if 0 <= e < counts.size})
         counts[was_filled] = 0
         tokens = [int(round(c)) for c in counts]
         layers.append(LayerCoverage(layer=block, tensor=name, tokens=tokens,
