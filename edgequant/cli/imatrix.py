@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from edgequant.cli.options import JsonOpt, RepackOpt, TrustOpt, VerboseOpt, llama_options, trust
-from edgequant.cli.output import out, run, show
+from edgequant.cli.output import Table, err, out, run, say, show
+
+ALL_LAYERS_UP_TO = 8  # more MoE layers than this: the table lists only those with unseen experts
 
 
 def imatrix(
@@ -22,6 +24,10 @@ def imatrix(
                                "torch for an HF folder on CUDA."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp engine: CPU threads (default: physical cores)."),
+    unseen_experts: str = typer.Option("fill", "--unseen-experts",
+                                       help="MoE experts no calibration token reached: fill (their slots get the mean of "
+                                            "their layer's seen experts, recorded in the file), uniform (count 0: "
+                                            "llama-quantize weighs them by 1) or error (stop)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output."),
     repack: Optional[str] = RepackOpt,
     verbose: bool = VerboseOpt,
@@ -34,11 +40,31 @@ def imatrix(
     from edgequant.quantize.imatrix_llamacpp import compute
 
     r = run(lambda: compute(source, output, engine=engine, text=calibration, ctx=ctx, chunks=chunks, device=device,
-                            threads=threads, force=force), as_json)
+                            threads=threads, force=force, unseen_experts=unseen_experts), as_json)
+    for w in r.warnings:  # never silent, also with --json (stderr; the JSON has them too)
+        say(err, "warning", w)
     show(r, as_json, _render)
 
 
 def _render(r) -> None:
-    """One line: the file, its matrices and what they were computed on, by which engine."""
+    """One line: the file, its matrices and what they were computed on, by which engine; for a MoE model the
+    expert coverage (a summary line and, per layer, the experts reached and their token counts)."""
     out.print(f"{r.path}: {r.entries} matrices, {r.chunks} chunks x {r.chunk_size} tokens of {r.dataset} on {r.device} "
               f"({r.engine}), {r.seconds:.1f} s", markup=False, highlight=False)
+    cov = r.coverage
+    if cov is None:
+        return
+    from edgequant.quantize.expert_coverage import format_ids
+
+    out.print(f"experts: {cov.summary()}", markup=False, highlight=False)
+    rows = cov.layers if len(cov.layers) <= ALL_LAYERS_UP_TO else cov.with_unseen
+    if not rows:
+        return
+    title = None if rows is cov.layers else f"{len(rows)} of {len(cov.layers)} MoE layers with unseen experts"
+    t = Table("layer", "reached", "min", "median", "max", "unseen experts", title=title)
+    for lc in rows:
+        unseen = format_ids(lc.unseen) if lc.unseen else ""
+        if lc.filled:
+            unseen += " (filled)" if lc.filled == lc.unseen else f" (filled: {format_ids(lc.filled)})"
+        t.add_row(str(lc.layer), f"{lc.reached}/{lc.n_expert}", str(lc.min), f"{lc.median:g}", str(lc.max), unseen)
+    out.print(t)

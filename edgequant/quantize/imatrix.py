@@ -27,6 +27,7 @@ from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import architecture_for
 from edgequant.progress import progress_count
+from edgequant.quantize.expert_coverage import DEFAULT_POLICY, resolve_policy, settle_unseen
 from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, ImatrixResult, write_imatrix  # noqa: F401 - re-exported
 from edgequant.quantize.imatrix_llamacpp import compute_imatrix_llamacpp, resolve_engine
 
@@ -107,13 +108,18 @@ def compute_imatrix(
     device: str = "cpu",
     force: bool = False,
     engine: str = "auto",
+    unseen_experts: str = DEFAULT_POLICY,
 ) -> ImatrixResult:
     """An importance matrix of ``source`` on ``text``, written to ``output`` in llama.cpp's GGUF imatrix
     format. ``engine`` (``edgequant.quantize.imatrix_llamacpp.resolve_engine``): ``torch`` runs an HF
     folder through transformers (see the module docstring), ``llama.cpp`` a 16-bit GGUF (or an HF
-    folder converted to one) through llama.cpp's graph callback; ``auto`` picks by input and device."""
+    folder converted to one) through llama.cpp's graph callback; ``auto`` picks by input and device.
+    ``unseen_experts``: what a MoE expert no token reached gets (``fill``, ``uniform`` or ``error``;
+    ``edgequant.quantize.expert_coverage``); the result's ``coverage`` lists the tokens per expert."""
+    unseen_experts = resolve_policy(unseen_experts)
     if resolve_engine(engine, source, device) == "llama.cpp":
-        return compute_imatrix_llamacpp(source, output, text=text, ctx=ctx, chunks=chunks, device=device, force=force)
+        return compute_imatrix_llamacpp(source, output, text=text, ctx=ctx, chunks=chunks, device=device, force=force,
+                                        unseen_experts=unseen_experts)
     t0 = time.perf_counter()
     output = Path(output)
     check_writable([output], force=force)  # before minutes of compute, not after
@@ -127,11 +133,12 @@ def compute_imatrix(
     _measure(model, batches, dev, _hooks(model, col, arch, arch.expert_count()), ckpt.hf_architecture)
     result = Imatrix(entries=col.imatrix(), datasets=[corpus.name], chunk_count=len(batches), chunk_size=ctx)
     _check_covered(arch, result)
+    coverage = settle_unseen(result, unseen_experts)
     write_imatrix(result, output, force=force)
     return ImatrixResult(
         path=str(output), entries=len(result.entries), chunks=len(batches), chunk_size=ctx,
         tokens=len(batches) * ctx, dataset=corpus.name, device=dev.type, seconds=round(time.perf_counter() - t0, 2),
-        engine="torch",
+        engine="torch", coverage=coverage, warnings=[coverage.warning] if coverage and coverage.warning else [],
     )
 
 

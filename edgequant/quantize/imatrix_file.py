@@ -5,6 +5,9 @@ A file has ``general.type = imatrix``, ``imatrix.datasets`` / ``imatrix.chunk_co
 ``[n_cols, n_mat]`` (the sum over tokens of squared input activations, per input column, per
 expert for MoE) and ``<tensor>.counts`` ``[1, n_mat]`` (tokens seen, per expert). The quantizer
 weighs each column by ``in_sum2 / counts`` (1 where an expert saw no token).
+
+edgequant adds two keys llama.cpp ignores (``expert_coverage``): the policy for experts no token
+reached and the expert slots that policy filled, so that a file read back reports its true coverage.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from edgequant.atomic import atomic_outputs, check_writable
 from edgequant.errors import EdgequantError
+from edgequant.quantize.expert_coverage import KEY_FILLED, KEY_POLICY, ExpertCoverage, coverage_of
 
 KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
@@ -55,9 +59,13 @@ class ImatrixResult:
     device: str
     seconds: float
     engine: str = "torch"
+    coverage: ExpertCoverage | None = None  # MoE models: tokens per expert per layer (expert_coverage.py)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["coverage"] = None if self.coverage is None else self.coverage.to_dict()
+        return d
 
 
 @dataclass
@@ -66,6 +74,13 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    filled: dict[str, list[int]] = field(default_factory=dict)  # expert slots the ``fill`` policy wrote
+    unseen_policy: str | None = None  # fill, uniform or error; None: a file edgequant did not write
+
+    @property
+    def coverage(self) -> ExpertCoverage | None:
+        """Tokens per expert per MoE layer (filled slots count as unseen); None for a dense model."""
+        return coverage_of(self)
 
 
 def write_imatrix(m: Imatrix, path: Path, *, force: bool = False) -> Path:
@@ -77,6 +92,10 @@ def write_imatrix(m: Imatrix, path: Path, *, force: bool = False) -> Path:
     w.add_array(KEY_DATASETS, m.datasets or ["unknown"])
     w.add_uint32(KEY_CHUNK_COUNT, m.chunk_count)
     w.add_uint32(KEY_CHUNK_SIZE, m.chunk_size)
+    if m.unseen_policy:
+        w.add_string(KEY_POLICY, m.unseen_policy)
+    if any(m.filled.values()):
+        w.add_array(KEY_FILLED, [f"{name}:{e}" for name in sorted(m.filled) for e in sorted(m.filled[name])])
     for name in sorted(m.entries):
         e = m.entries[name]
         w.add_tensor(name + SUM_SUFFIX, np.ascontiguousarray(e.sums, dtype=np.float32))
@@ -112,6 +131,15 @@ def read_imatrix(path: Path) -> Imatrix:
     for key, attr in ((KEY_CHUNK_COUNT, "chunk_count"), (KEY_CHUNK_SIZE, "chunk_size")):
         if key in fields:
             setattr(m, attr, int(fields[key].parts[fields[key].data[0]][0]))
+    if KEY_POLICY in fields:
+        f = fields[KEY_POLICY]
+        m.unseen_policy = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+    if KEY_FILLED in fields:
+        f = fields[KEY_FILLED]
+        for i in f.data:
+            name, _, expert = bytes(f.parts[i]).decode("utf-8", "replace").rpartition(":")
+            if name and expert.isdigit():
+                m.filled.setdefault(name, []).append(int(expert))
     sums, counts = {}, {}
     for t in reader.tensors:
         data = np.array(t.data, dtype=np.float32)

@@ -42,6 +42,7 @@ from edgequant.atomic import check_writable
 from edgequant.devices import default_threads
 from edgequant.errors import EdgequantError
 from edgequant.progress import progress_count
+from edgequant.quantize.expert_coverage import DEFAULT_POLICY, resolve_policy, settle_unseen
 from edgequant.quantize.imatrix_file import Imatrix, ImatrixEntry, ImatrixResult, write_imatrix
 from edgequant.text import chunk_ids, load_text
 
@@ -93,7 +94,8 @@ def resolve_engine(engine: str | None, source: str | Path, device: str = "cpu") 
 
 def compute(source: str | Path, output: str | Path, *, engine: str = "auto", device: str = "cpu", **kw) -> ImatrixResult:
     """``edgequant imatrix`` for either engine (the CLI and ``release`` call this; torch is imported only
-    when its engine runs). ``kw``: ``text``, ``ctx``, ``chunks``, ``force`` (and ``threads`` for llama.cpp)."""
+    when its engine runs). ``kw``: ``text``, ``ctx``, ``chunks``, ``force``, ``unseen_experts`` (and ``threads``
+    for llama.cpp)."""
     if resolve_engine(engine, source, device) == "llama.cpp":
         return compute_imatrix_llamacpp(source, output, device=device, **kw)
     from edgequant.quantize.imatrix import compute_imatrix
@@ -115,9 +117,12 @@ def compute_imatrix_llamacpp(
     device: str = "cpu",
     threads: int | None = None,
     force: bool = False,
+    unseen_experts: str = DEFAULT_POLICY,
 ) -> ImatrixResult:
     """An importance matrix of ``source`` (a 16-bit GGUF, or an HF folder converted to a temporary F16
-    GGUF) on ``text``, computed by llama.cpp and written to ``output``; see the module docstring."""
+    GGUF) on ``text``, computed by llama.cpp and written to ``output``; see the module docstring.
+    ``unseen_experts``: the policy for MoE experts no token reached (``expert_coverage``)."""
+    unseen_experts = resolve_policy(unseen_experts)
     t0 = time.perf_counter()
     output = Path(output)
     check_writable([output], force=force)  # before minutes of compute, not after
@@ -129,10 +134,12 @@ def compute_imatrix_llamacpp(
     result = Imatrix(entries=col.entries(), datasets=[corpus.name], chunk_count=n, chunk_size=ctx)
     if not result.entries:
         raise EdgequantError(f"llama.cpp computed no blk.* weight matrix of {Path(source).name}; is it a causal LM?")
+    coverage = settle_unseen(result, unseen_experts)
     write_imatrix(result, output, force=force)
     return ImatrixResult(path=str(output), entries=len(result.entries), chunks=n, chunk_size=ctx, tokens=n * ctx,
                          dataset=corpus.name, device=device, seconds=round(time.perf_counter() - t0, 2),
-                         engine="llama.cpp")
+                         engine="llama.cpp", coverage=coverage,
+                         warnings=[coverage.warning] if coverage and coverage.warning else [])
 
 
 @contextlib.contextmanager

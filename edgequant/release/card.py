@@ -383,7 +383,41 @@ def _imatrix_note(m: Manifest) -> list[str]:
             f"Files marked imatrix were quantized with an importance matrix computed on {text}, "
             f"ctx {'?' if ctx is None else ctx}, {'all' if chunks is None else chunks} chunks"
             + next((f", by {a.engine}" for a in reversed(im) if a.engine), "")
-            + (f"; it is included as `{im[0].path}` for your own `llama-quantize --imatrix` runs." if im else "."), ""]
+            + (f"; it is included as `{im[0].path}` for your own `llama-quantize --imatrix` runs." if im else "."), ""] \
+        + _coverage_note(next((a.coverage for a in reversed(im) if getattr(a, "coverage", None) is not None), None))
+
+
+CARD_ALL_LAYERS_UP_TO = 8  # more MoE layers: the coverage table lists only the layers with unseen experts
+
+_POLICY_TEXT = {
+    "fill": "their slots in the importance matrix hold the mean of their layer's seen experts, so they are quantized "
+            "like their siblings (edgequant's `--unseen-experts fill`; the filled slots are listed in the file)",
+    "uniform": "they have no importance data and were quantized with uniform weights, as llama.cpp does for them",
+}
+
+
+def _coverage_note(cov) -> list[str]:
+    """For a MoE model, how many calibration tokens reached each expert (nothing for a dense model)."""
+    if cov is None or not cov.layers:
+        return []
+    from edgequant.quantize.expert_coverage import format_ids
+
+    text = (f"Expert coverage: the calibration text reached {cov.experts - cov.unseen} of the {cov.experts} experts "
+            f"({len(cov.layers)} MoE layers × {cov.n_expert}); tokens routed to an expert: min {cov.min}, "
+            f"median {cov.median:g}, max {cov.max}.")
+    if cov.unseen:
+        how = _POLICY_TEXT.get(cov.policy or "", _POLICY_TEXT["uniform"])
+        text += f" {cov.unseen} experts saw no token: {how}."
+    out = ["#### Expert coverage", "", text, ""]
+    rows = cov.layers if len(cov.layers) <= CARD_ALL_LAYERS_UP_TO else cov.with_unseen
+    if rows:
+        out += ["| Layer | Experts reached | Min | Median | Max | Unseen experts |", "|---:|---:|---:|---:|---:|---|"]
+        out += [f"| {lc.layer} | {lc.reached}/{lc.n_expert} | {lc.min} | {lc.median:g} | {lc.max} | "
+                f"{cell(format_ids(lc.unseen)) if lc.unseen else DASH} |" for lc in rows]
+        out.append("")
+        if rows is not cov.layers:
+            out += [f"The other {len(cov.layers) - len(rows)} layers reached every expert; `manifest.json` has every count.", ""]
+    return out
 
 
 def _usage_section(m: Manifest, rec: ModelArtifact | None, gptq_rows: list[ModelArtifact]) -> list[str]:

@@ -8,7 +8,8 @@ edgequant wrote, ``Manifest.from_dict(d).to_dict() == d``.
 Layout: the release's ``name``, ``created``, ``command`` and ``recipe`` (the recipe's ``to_dict``
 with its paths made public); the ``source`` (path, fingerprint, architecture, parameters, license);
 the tool ``versions`` and the ``host``; the ``chat_template``; the ``bench`` settings; the wall time
-per stage (``stages``); the ``artifacts`` (files, hashes, type, options, measured ``metrics``);
+per stage (``stages``); the ``artifacts`` (files, hashes, type, options, measured ``metrics``; for a
+MoE model the imatrix's expert ``coverage``, ``edgequant.quantize.expert_coverage``);
 the reference's ``base_metrics``; the ``gates`` with their results and the ``status``.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgequant.env import Versions
+from edgequant.quantize.expert_coverage import ExpertCoverage
 
 MANIFEST_SCHEMA = "edgequant.manifest/1"
 MODEL_KINDS = ("gguf", "gptq")  # what the bench measures and the card's table lists
@@ -208,10 +210,14 @@ class ImatrixArtifact(Artifact):
     ctx: int | None = None
     chunks: int | None = None
     engine: str | None = None  # llama.cpp or torch; None in manifests written before there was a choice
+    coverage: ExpertCoverage | None = None  # MoE models: tokens per expert per layer; None: dense (or an older manifest)
 
     def to_dict(self) -> dict:
-        return {**self._common(), "type": self.type, "text": self.text, "ctx": self.ctx, "chunks": self.chunks,
-                "engine": self.engine}
+        d = {**self._common(), "type": self.type, "text": self.text, "ctx": self.ctx, "chunks": self.chunks,
+             "engine": self.engine}
+        if self.coverage is not None:
+            d["coverage"] = self.coverage.to_dict()
+        return d
 
 
 def _metrics_dict(m: Metrics | None) -> dict | None:
@@ -243,7 +249,8 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []),
                             defuser_model_type=d.get("defuser_model_type"))
     if kind == "imatrix":
-        return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"), engine=d.get("engine"))
+        return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"), engine=d.get("engine"),
+                               coverage=ExpertCoverage.from_dict(d.get("coverage")))
     return Artifact(**common)
 
 

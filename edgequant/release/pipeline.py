@@ -127,7 +127,11 @@ class _Run:
     def imatrix_key(self, text_sha256: str) -> str:
         r, engine = self.r, self.imatrix_engine()
         on = (self.base_key, self.versions.llama_cpp_python) if engine == "llama.cpp" else (self.fingerprint,)
-        return stage_key("imatrix", *on, engine, text_sha256, r.imatrix.ctx, r.imatrix.chunks, self.versions.edgequant)
+        from edgequant.quantize.expert_coverage import DEFAULT_POLICY
+
+        # the policy for MoE experts no token reached changes the file (expert_coverage.py)
+        return stage_key("imatrix", *on, engine, text_sha256, r.imatrix.ctx, r.imatrix.chunks, self.versions.edgequant,
+                         DEFAULT_POLICY)
 
     def gguf_key(self, v: GGUFVariant, im_key: str | None) -> str:
         return stage_key("gguf", v.to_dict(), self.base_key, im_key if v.imatrix else None, self.versions.llama_cpp_python)
@@ -208,10 +212,24 @@ def _imatrix_stage(run: _Run) -> None:
         source = run.base_files[0] if engine == "llama.cpp" else run.ckpt.path
         res = compute(source, im_path, engine=engine, text=run.im_text, ctx=r.imatrix.ctx, chunks=r.imatrix.chunks,
                       device=r.imatrix_device, force=True)
+        for w in res.warnings:  # unseen MoE experts: said in the log, and the coverage goes into the manifest and card
+            run.log(f"[yellow]warning[/] {escape(w)}")
         return [im_path], {"text": res.dataset, "ctx": res.chunk_size, "chunks": res.chunks, "entries": res.entries,
-                           "engine": res.engine}
+                           "engine": res.engine, "coverage": None if res.coverage is None else res.coverage.to_dict()}
 
     run.stage("imatrix", "imatrix", run.im_key, make)
+
+
+def _imatrix_coverage(run: _Run, rec: dict):
+    """The expert coverage of the imatrix stage (None for a dense model); a record made before there was
+    coverage has none: it is read from the file it recorded."""
+    from edgequant.quantize.expert_coverage import ExpertCoverage
+
+    if "coverage" in rec["result"]:
+        return ExpertCoverage.from_dict(rec["result"]["coverage"])
+    from edgequant.quantize.imatrix_file import read_imatrix
+
+    return read_imatrix(run.out / rec["paths"][0]).coverage
 
 
 def _gguf_stage(run: _Run, v: GGUFVariant) -> None:
@@ -405,7 +423,7 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
     if "imatrix" in recs and r.needs_imatrix:
         res = recs["imatrix"]["result"]
         arts.append(ImatrixArtifact(**_files(run, "imatrix"), text=res["text"], ctx=res["ctx"], chunks=res["chunks"],
-                                    engine=res.get("engine", "torch")))
+                                    engine=res.get("engine", "torch"), coverage=_imatrix_coverage(run, recs["imatrix"])))
     for v in r.gguf:
         res = recs[v.artifact]["result"]
         arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,
