@@ -17,6 +17,7 @@ import torch
 from edgequant.quantize.gptq import GPTQOptions, gptq
 from edgequant.release.card import render_model_card
 from edgequant.text import builtin_text
+import fixtures_qwen_moe
 from gptq_check import dequantized_weights, replace_weights
 from test_release_card import smol_manifest
 
@@ -83,17 +84,20 @@ def _reference(src: Path, folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor
     return logits, margin
 
 
-@pytest.mark.parametrize("which", ["mixtral", "llama"])
+MOE = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}  # which -> the defuser model_type its folder needs
+
+
+@pytest.mark.parametrize("which", ["mixtral", "qwen3_moe", "llama"])
 def test_card_code_block_loads_the_dequantized_checkpoint(which, tiny_mixtral_dir, tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    src = tiny_mixtral_dir if which == "mixtral" else tiny_llama_dir
+    src = {"mixtral": tiny_mixtral_dir, "llama": tiny_llama_dir}.get(which) or fixtures_qwen_moe.tiny_qwen3_moe("per_expert")
     result = gptq(src, [4], tmp_path / "dist", FAST)[0]
     folder = Path(result.folder)
-    assert result.defuser_model_type == ("mixtral" if which == "mixtral" else None)
+    assert result.defuser_model_type == MOE.get(which)
     code = _card_code(folder, result.defuser_model_type)
     assert f'path = "{folder.name}"' in code
-    assert ("defuser.replace_fused_blocks" in code) == (which == "mixtral")
+    assert ("defuser.replace_fused_blocks" in code) == (which in MOE)
 
     ids = AutoTokenizer.from_pretrained(str(src))(builtin_text()[60_000:62_000], return_tensors="pt").input_ids[:, :64]
     torch.save(ids, tmp_path / "ids.pt")

@@ -32,6 +32,7 @@ def gptq(
     seed: int = typer.Option(D.seed, "--seed", help="Seed for the calibration windows and the quantizer."),
     device: str = typer.Option(D.device, "--device", help="cpu or cuda."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Calibration samples per forward pass."),
+    moe_routing: str = typer.Option(D.moe_routing, "--moe-routing", help="MoE: auto (the router's top-k when every expert gets enough calibration tokens, else every token to every expert), native (an expert short of tokens is an error) or all."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output folders."),
     trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
@@ -42,7 +43,8 @@ def gptq(
 
     opts = GPTQOptions(group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
                        true_sequential=true_sequential, calibration=calibration, samples=samples, seq_len=seq_len,
-                       seed=seed, device=device, batch_size=batch_size, force=force)
+                       seed=seed, device=device, batch_size=batch_size, force=force,
+                       moe_routing=moe_routing)
     results = run(lambda: do_gptq(source, bits, output, opts), as_json)
     show(results, as_json, _render)
 
@@ -50,11 +52,21 @@ def gptq(
 def _render(results) -> None:
     """One row per bit width, titled with the calibration; each distinct note once on stderr."""
     first = results[0]
-    table = Table("bits", "group", "folder", "size", "bits/weight", "max layer loss", "time",
-                  title=f"GPTQ on {first.samples} x {first.seq_len} tokens of {first.calibration}")
+    moe = first.experts is not None
+    title = f"GPTQ on {first.samples} x {first.seq_len} tokens of {first.calibration}"
+    if moe:
+        how = "every token to every expert" if first.experts.routing == "all" else "the router's top-k"
+        title += f"; tokens per expert from its router {first.experts.summary()} (needs {first.experts.min_tokens}), quantized with {how}"
+    headers = ["bits", "group", "folder", "size", "bits/weight", "max layer loss", "time"]
+    table = Table(*headers, *(["expert tokens (GPTQ min)", "experts rounded"] if moe else []), title=title)
     for r in results:
-        table.add_row(str(r.bits), str(r.group_size), r.folder, human_size(r.size_bytes), f"{r.bits_per_weight:.2f}",
-                      f"{r.max_loss:.3g}", f"{r.seconds:.1f} s")
+        row = [str(r.bits), str(r.group_size), r.folder, human_size(r.size_bytes), f"{r.bits_per_weight:.2f}",
+               f"{r.max_loss:.3g}", f"{r.seconds:.1f} s"]
+        if moe:
+            row += [str(r.experts.gptq_min_samples), str(len(r.experts.rtn_modules))]
+        table.add_row(*row)
     out.print(table)
     for n in dict.fromkeys(n for r in results for n in r.notes):
         say(err, "note", n)
+    for w in dict.fromkeys(w for r in results for w in r.warnings):
+        say(err, "warning", w, style="bold red")

@@ -18,6 +18,7 @@ bench loads GPTQ folders without this module).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import shutil
 import time
@@ -36,7 +37,7 @@ from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, load_snippet
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
-from edgequant.quantize.gptq_options import GPTQOptions  # re-exported: the CLI and the pipeline import it from here
+from edgequant.quantize.gptq_options import MIN_EXPERT_SHARE, MOE_ROUTINGS, GPTQOptions  # GPTQOptions re-exported: the CLI and the pipeline import it from here
 from edgequant.text import Text, load_text
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -58,6 +59,9 @@ class GPTQSpec:
     device: str
     batch_size: int
     seed: int
+    # MoE: how the quantizing forward routes calibration tokens to experts, "native" (the router's top-k) or
+    # "all" (every token to every expert); None for a dense model
+    moe_routing: str | None = None
 
 
 @dataclass
@@ -70,9 +74,70 @@ class LayerError:
     samples: int
     damp: float
     seconds: float
+    # "gptq"; "rtn" where the backend had too few calibration tokens for the module and rounded its weights to
+    # the nearest grid point instead (GPTQModel's fallback; its loss is then not measured and reads 0)
+    method: str = "gptq"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ExpertTokens:
+    """One MoE layer: the calibration tokens its router sends to each expert (the source model, its own top-k)."""
+
+    layer: int
+    counts: list[int]
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "counts": list(self.counts), "min": min(self.counts), "max": max(self.counts),
+                "unseen": sum(1 for c in self.counts if c == 0)}
+
+
+@dataclass
+class ExpertCoverage:
+    """Whether GPTQ calibrated every expert: the tokens each one gets from its router, and what GPTQ did about it."""
+
+    routing: str  # how the quantizing forward routed: "native" (the router's top-k) or "all" (every token to every expert)
+    tokens: int  # calibration tokens; every MoE layer sees each of them
+    min_tokens: int  # the fewest routed tokens an expert needs under native routing (MIN_EXPERT_SHARE of ``tokens``)
+    layers: list[ExpertTokens] = field(default_factory=list)
+    # from the backend's report: the fewest calibration tokens any expert Linear was quantized from, and the
+    # expert Linears it had to quantize without calibration (round-to-nearest)
+    gptq_min_samples: int | None = None
+    rtn_modules: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> list[int]:
+        return [c for l in self.layers for c in l.counts]
+
+    @property
+    def min(self) -> int:
+        return min(self.counts, default=0)
+
+    @property
+    def max(self) -> int:
+        return max(self.counts, default=0)
+
+    @property
+    def unseen(self) -> int:
+        """Experts (over all layers) the router sends no calibration token to."""
+        return sum(1 for c in self.counts if c == 0)
+
+    @property
+    def short(self) -> list[tuple[int, int, int]]:
+        """``(layer, expert, tokens)`` of every expert under :attr:`min_tokens`."""
+        return [(l.layer, e, c) for l in self.layers for e, c in enumerate(l.counts) if c < self.min_tokens]
+
+    def summary(self) -> str:
+        """``min-max tokens, N unseen`` over every expert, as the table shows it."""
+        return f"{self.min}-{self.max}, {self.unseen} unseen"
+
+    def to_dict(self) -> dict:
+        return {"routing": self.routing, "tokens": self.tokens, "min_tokens": self.min_tokens,
+                "experts": len(self.counts), "min": self.min, "max": self.max, "unseen": self.unseen,
+                "short": len(self.short), "gptq_min_samples": self.gptq_min_samples, "rtn_modules": list(self.rtn_modules),
+                "layers": [l.to_dict() for l in self.layers]}
 
 
 class GPTQBackend(Protocol):
@@ -112,6 +177,8 @@ class GPTQResult:
     # the model_type to pass to defuser.replace_fused_blocks before transformers loads the folder
     # (per-expert MoE folders); None: plain from_pretrained loads it
     defuser_model_type: str | None = None
+    experts: ExpertCoverage | None = None  # MoE models: the calibration tokens per expert
+    warnings: list[str] = field(default_factory=list)  # what the user must know about this folder (printed as warnings)
 
     @property
     def max_loss(self) -> float:
@@ -121,6 +188,7 @@ class GPTQResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["max_loss"] = self.max_loss
+        d["experts"] = self.experts.to_dict() if self.experts is not None else None
         return d
 
 
@@ -138,12 +206,19 @@ class GPTQModelBackend:
                  on_layer: Callable[[int], None]) -> list[LayerError]:
         with quiet_gptqmodel():
             from gptqmodel import GPTQModel, QuantizeConfig
+            from gptqmodel.quantization.config import (ExpertsRoutingOverride, Fallback, FallbackStrategy,
+                                                       MoEConfig)
 
             qc = QuantizeConfig(
                 bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym,
                 damp_percent=spec.damp_percent, true_sequential=spec.true_sequential, format="gptq",
                 offload_to_disk=False,  # its default spills every layer to /tmp: 30x slower on small models
+                # a module reached by fewer tokens is rounded to nearest (reported as such), never quantized from
+                # an empty Hessian (which zeroes its weights); the same share edgequant's own coverage check uses
+                fallback=Fallback(strategy=FallbackStrategy.RTN, threshold=f"{MIN_EXPERT_SHARE * 100:g}%"),
             )
+            if spec.moe_routing == "all":  # while capturing a layer's inputs only; the replay to the next layer routes natively
+                qc.moe = MoEConfig(routing=ExpertsRoutingOverride(num_experts_per_tok="all"))
             _seed_everything(spec.seed)
             try:
                 from edgequant.remote_code import load_kwargs, refused
@@ -192,9 +267,12 @@ def _layer_errors(log) -> list[LayerError]:
         entries = [e for v in log.values() if isinstance(v, list) for e in v]
     for e in entries:
         try:
-            rows.append(LayerError(layer=int(e["layer"]), module=str(e["module"]), loss=float(e["loss"]),
+            loss, method = str(e["loss"]).strip(), "gptq"
+            if loss.endswith("fallback"):  # "rtn fallback": rounded to nearest, from too few calibration tokens
+                loss, method = "0", loss.split()[0]
+            rows.append(LayerError(layer=int(e["layer"]), module=str(e["module"]), loss=float(loss),
                                    samples=int(e.get("samples", 0)), damp=float(e.get("damp", 0) or 0),
-                                   seconds=float(e.get("time", 0) or 0)))
+                                   seconds=float(e.get("time", 0) or 0), method=method))
         except (KeyError, ValueError, TypeError):
             continue
     rows.sort(key=lambda r: (r.layer, r.module))
@@ -362,6 +440,7 @@ class _Run:
     n_layers: int
     n_params: int
     notes: list[str]
+    coverage: ExpertCoverage | None = None  # MoE: the tokens per expert, counted once for every bit width
 
 
 def gptq(source: str | Path, bits, output: str | Path | None = None, options: GPTQOptions | None = None) -> list[GPTQResult]:
@@ -378,14 +457,22 @@ def gptq(source: str | Path, bits, output: str | Path | None = None, options: GP
 
     corpus = load_text(opts.calibration)
     layout = quant_layout(ckpt.hf_architecture)
-    run = _Run(ckpt, opts, group_size, corpus, _calibration(ckpt, corpus, opts), opts.backend or GPTQModelBackend(),
-               layout, layout.n_blocks(ckpt.tensors), _n_params(ckpt), notes)
+    windows = _calibration(ckpt, corpus, opts)
+    coverage = None
+    if layout.experts is not None:
+        coverage = expert_coverage(ckpt, layout, windows, opts)
+        notes += _routing_notes(coverage, opts.moe_routing)
+    run = _Run(ckpt, opts, group_size, corpus, windows, opts.backend or GPTQModelBackend(),
+               layout, layout.n_blocks(ckpt.tensors), _n_params(ckpt), notes, coverage)
     with folder_lock(out_dir):  # one writer per folder: the <folder>.part names are this run's alone
         return [_quantize_bits(run, b, final) for b, final in zip(bit_list, finals)]
 
 
 def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]:
     """Refuse what cannot work before any work; the group size to use and the notes about it."""
+    refused = gptq_refusal(ckpt)
+    if refused:
+        raise EdgequantError(refused)
     dims = input_dims(ckpt)
     if not dims:
         blocks = quant_layout(ckpt.hf_architecture).module_blocks
@@ -396,8 +483,17 @@ def _check_options(ckpt: Checkpoint, opts: GPTQOptions) -> tuple[int, list[str]]
         raise EdgequantError(f"--damp-percent {opts.damp_percent}: use a fraction between 0 and 1 (0.01 to 0.1 is usual)")
     if opts.batch_size < 1:
         raise EdgequantError(f"--batch-size {opts.batch_size}: use at least 1")
+    if opts.moe_routing not in MOE_ROUTINGS:
+        raise EdgequantError(f"--moe-routing {opts.moe_routing!r}: use one of {', '.join(MOE_ROUTINGS)}")
     resolve_device(opts.device)
     return group_size, [note] if note else []
+
+
+def gptq_refusal(source: str | Path | Checkpoint) -> str | None:
+    """Why ``gptq`` refuses the family of ``source`` (one line naming what to use instead), or None when
+    it quantizes it: the release skips its GPTQ stage with this line as the note."""
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    return quant_layout(ckpt.hf_architecture).gptq_refused
 
 
 def _check_fused_experts(ckpt: Checkpoint) -> None:
@@ -429,7 +525,8 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
     opts = run.opts
     spec = GPTQSpec(bits=bits, group_size=run.group_size, desc_act=opts.desc_act, sym=opts.sym,
                     damp_percent=opts.damp_percent, true_sequential=opts.true_sequential, device=opts.device,
-                    batch_size=opts.batch_size, seed=opts.seed)
+                    batch_size=opts.batch_size, seed=opts.seed,
+                    moe_routing=run.coverage.routing if run.coverage is not None else None)
     t0 = time.perf_counter()
     with atomic_folder(final, replace=True) as part:  # <final>.<pid>-<rand>.part, renamed at the end
         with progress_count(f"GPTQ {bits}-bit", run.n_layers) as bar:
@@ -441,6 +538,7 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
         if not any(part.glob("*.safetensors")):
             raise RuntimeError(f"internal error: the {run.backend.name} backend wrote no weights into {part}")
         layers = merge_fused_errors(layers, fuse_split_linears(part, run.ckpt, run.layout, bits))
+        coverage, warnings = _calibrated(run, layers)
         _check_layers_exist(part, run.ckpt, run.layout, bits)
         defuse = defuser_model_type(part)
         readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name,
@@ -448,6 +546,7 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
         _finish_folder(part, run.ckpt, readme)
     result = _result(run, spec, final, layers, time.perf_counter() - t0)
     result.defuser_model_type = defuse
+    result.experts, result.warnings = coverage, warnings
     return result
 
 
@@ -497,3 +596,121 @@ def _result(run: _Run, spec: GPTQSpec, final: Path, layers: list[LayerError], se
         seconds=round(seconds, 2), calibration=run.corpus.name, samples=len(run.windows), seq_len=run.opts.seq_len,
         seed=spec.seed, device=spec.device, backend=run.backend.name, layers=layers, notes=list(run.notes),
     )
+
+
+# --------------------------------------------------------------------------- #
+# MoE: calibration tokens per expert
+# --------------------------------------------------------------------------- #
+
+
+def expert_coverage(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[int]], opts: GPTQOptions) -> ExpertCoverage:
+    """Count, on the source model in transformers, the calibration tokens each MoE layer's router sends to each
+    expert (its own top-k), and choose the routing of the quantizing forward from ``opts.moe_routing``:
+    ``native`` when every expert gets at least ``MIN_EXPERT_SHARE`` of the tokens, else ``all`` (``auto``), or an
+    error (``native``)."""
+    tokens = sum(len(w) for w in windows)
+    layers = count_expert_tokens(ckpt, layout, windows, opts.device, opts.batch_size)
+    cov = ExpertCoverage(routing="native", tokens=tokens, min_tokens=max(1, math.ceil(MIN_EXPERT_SHARE * tokens)),
+                         layers=layers)
+    short = cov.short
+    if opts.moe_routing == "all" or (opts.moe_routing == "auto" and short):
+        cov.routing = "all"
+    elif short:
+        layer, expert, n = min(short, key=lambda x: x[2])
+        raise EdgequantError(
+            f"{len(short)} of {len(cov.counts)} experts get {_fewer(cov)} of the {tokens} calibration tokens "
+            f"from their router (layer {layer} expert {expert}: {n}), too few to quantize them with GPTQ; pass more "
+            f"--samples or a longer --seq-len (or --moe-routing all: every token to every expert while quantizing)")
+    return cov
+
+
+def _routing_notes(cov: ExpertCoverage, requested: str) -> list[str]:
+    short = cov.short
+    if cov.routing == "native":
+        return []
+    if requested == "all":
+        return ["every calibration token was routed to every expert while quantizing (--moe-routing all)"]
+    return [f"{len(short)} of {len(cov.counts)} experts get {_fewer(cov)} of the {cov.tokens} calibration "
+            f"tokens from their router{f' ({cov.unseen} none)' if cov.min_tokens > 1 else ''}: every calibration token was routed to every expert while "
+            f"quantizing; more --samples or a longer --seq-len lets each expert be calibrated on its own tokens"]
+
+
+def _fewer(cov: ExpertCoverage) -> str:
+    return "none" if cov.min_tokens == 1 else f"fewer than {cov.min_tokens}"
+
+
+def count_expert_tokens(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[int]], device: str = "cpu",
+                        batch_size: int = 1) -> list[ExpertTokens]:
+    """Per MoE layer, the tokens of ``windows`` the router of the source model (transformers) sends to each
+    expert: forward hooks on the routers the layout names (``ExpertLayout.router_paths``) read the chosen
+    experts' indices (the router's integer output)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.remote_code import load_kwargs, refused
+
+    dev = resolve_device(device)
+    with quiet_gptqmodel(), refused(ckpt.path):
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype="auto", device_map={"": dev},
+                                                     **load_kwargs(ckpt.path)).eval()
+    counts: dict[int, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        site = layout.site(name)
+        if site is None or site.path not in layout.experts.router_paths or site.block in counts:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise RuntimeError(f"internal error: the router {name} has no [experts, hidden] weight")
+        counts[site.block] = torch.zeros(int(weight.shape[0]), dtype=torch.int64)
+        hooks.append(module.register_forward_hook(_counter(counts[site.block], name)))
+    if not counts:
+        raise RuntimeError(f"internal error: no router ({' or '.join(layout.experts.router_paths)}) in {type(model).__name__}")
+    try:
+        with torch.no_grad(), progress_count("Counting tokens per expert", len(windows)) as bar:
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i:i + batch_size]  # windows of one length: no padding to leave out
+                model(input_ids=torch.tensor(batch, device=dev))
+                bar.advance(len(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+        del model
+    return [ExpertTokens(layer=b, counts=[int(c) for c in counts[b]]) for b in sorted(counts)]
+
+
+def _counter(acc: torch.Tensor, name: str):
+    """A forward hook adding the router's chosen experts (its integer output, ``[tokens, top_k]``) to ``acc``."""
+    def hook(module, args, out) -> None:
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        idx = next((t for t in reversed(outs) if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+        if idx is None:
+            raise RuntimeError(f"internal error: the router {name} returned no expert indices")
+        acc.add_(torch.bincount(idx.reshape(-1).cpu(), minlength=acc.numel())[:acc.numel()])
+    return hook
+
+
+def _calibrated(run: _Run, layers: list[LayerError]) -> tuple[ExpertCoverage | None, list[str]]:
+    """What the backend's report says about the calibration each module got: the coverage of this bit width
+    (the fewest tokens an expert Linear was quantized from, the ones rounded to nearest), and the warnings.
+    A module quantized by GPTQ from no token at all (an empty Hessian) is an error."""
+    empty = [r for r in layers if r.method == "gptq" and r.samples == 0 and r.loss >= 1e8]
+    if empty:
+        raise EdgequantError(
+            f"GPTQ quantized {len(empty)} modules from no calibration token (e.g. layer {empty[0].layer} {empty[0].module}); "
+            f"nothing was written. Pass more --samples or a longer --seq-len")
+    rtn = [r for r in layers if r.method != "gptq"]
+    warnings = []
+    if rtn:
+        warnings.append(
+            f"{len(rtn)} modules got fewer than {MIN_EXPERT_SHARE:.1%} of the calibration tokens and were rounded to "
+            f"nearest instead of GPTQ-quantized (e.g. layer {rtn[0].layer} {rtn[0].module}, {rtn[0].samples} tokens); "
+            f"pass more --samples or a longer --seq-len")
+    if run.coverage is None:
+        return None, warnings
+    cov = ExpertCoverage(**{k: getattr(run.coverage, k) for k in ("routing", "tokens", "min_tokens", "layers")})
+    prefix = run.layout.module_blocks
+    experts = [r for r in layers if (site := run.layout.site(f"{prefix}.{r.layer}.{r.module}")) is not None
+               and site.kind == "expert"]
+    cov.gptq_min_samples = min((r.samples for r in experts), default=None)
+    cov.rtn_modules = [f"{prefix}.{r.layer}.{r.module}" for r in experts if r.method != "gptq"]
+    return cov, warnings

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+MOE_ROUTINGS = ("auto", "native", "all")
+MIN_EXPERT_SHARE = 0.005  # the share of the calibration tokens an expert needs under native routing (GPTQModel's
+# own threshold, below which it quantizes the expert by round-to-nearest; edgequant passes it explicitly)
+
 if TYPE_CHECKING:
     from edgequant.quantize.gptq import GPTQBackend
 
@@ -24,6 +28,10 @@ class GPTQOptions:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 1
+    # MoE: how the quantizing forward routes calibration tokens to experts. "auto": the router's own top-k when
+    # every expert gets enough tokens (MIN_EXPERT_SHARE of them, counted first), else every token to every expert;
+    # "native": the router's top-k, and an expert short of tokens is an error; "all": every token to every expert
+    moe_routing: str = "auto"
     force: bool = False
     backend: GPTQBackend | None = None  # default: GPTQModelBackend()
 

@@ -219,10 +219,18 @@ class ExpertLayout:
     # False where the GPTQ backend (GPTQModel 7.6.0) loads a source with fused expert tensors with freshly
     # initialised experts (Qwen3-MoE): such sources are refused before any work
     gptq_fused_source: bool = True
+    # the router, a module of the container (transformers' name): its forward returns the chosen experts'
+    # indices (an integer tensor [tokens, top_k]) among its outputs; GPTQ counts the calibration tokens per expert
+    router: str = "gate"
 
     def role(self, linear: str) -> str | None:
         """``gate``, ``up`` or ``down`` for one expert's Linear name, else None."""
         return next((r for r in ("gate", "up", "down") if linear in getattr(self, r)), None)
+
+    @property
+    def router_paths(self) -> tuple[str, ...]:
+        """The router's module path inside a block, under each container spelling."""
+        return tuple(f"{c}.{self.router}" for c in self.containers)
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,8 @@ class QuantLayout:
     fused: tuple[FusedLinear, ...] = ()
     kept: str = r"(^|\.)(\w*norm\w*|gate|router)$"  # block matrices never quantized: norms, MoE routers
     gguf_blocks: str = "model.layers"  # the spelling gguf-py's tensor name map knows
+    # why ``edgequant gptq`` refuses this family (one line naming what to use instead); None: it quantizes it
+    gptq_refused: str | None = None
 
     @property
     def module_blocks(self) -> str:
