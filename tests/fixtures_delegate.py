@@ -8,7 +8,8 @@ after init (ones and zeros would hide a dropped norm or bias); weights are store
 
 - ``tiny_gpt2``: GPT2LMHeadModel (learned positions, Conv1D weights, LayerNorm and biases everywhere,
   tied output), GPT-2's tokenizer.
-- ``tiny_starcoder2``: Starcoder2ForCausalLM (GQA, RoPE, biases, LayerNorm, a GELU MLP), StarCoder's tokenizer.
+- ``tiny_starcoder2``: Starcoder2ForCausalLM (GQA, RoPE, biases, LayerNorm, a GELU MLP), StarCoder's tokenizer,
+  and ``generation_config.json`` stopping at ``EXTRA_STOP`` too.
 - ``tiny_stablelm``: StableLmForCausalLM (partial rotary, LayerNorm with biases, q/k/v biases), GPT-2's
   tokenizer.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 from fixtures import SEED, _build_cached, _patch_json, _to_bf16, _write_readme
 from fixtures_relatives import randomise_norms_and_biases
 
-DELEGATE_VERSION = "2"
+DELEGATE_VERSION = "4"
 DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, ff=128)
+EXTRA_STOP = "<issue_closed>"  # StarCoder's vocabulary has it; llama.cpp ends generation on it only if told
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -43,12 +45,13 @@ def _tokenizer(folder: Path, vocab: str, *, bos: str | None, eos: str) -> dict:
     return ids
 
 
-def _save(folder: Path, model, title: str, eos_id: int) -> None:
+def _save(folder: Path, model, title: str, eos_id: int | list[int]) -> None:
     from transformers import GenerationConfig
 
     randomise_norms_and_biases(model)
     model = _to_bf16(model)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, bos_token_id=eos_id)
+    first = eos_id[0] if isinstance(eos_id, list) else eos_id
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, bos_token_id=first)
     model.save_pretrained(folder)
     _write_readme(folder, f"{title} (edgequant test fixture)", f"edgequant-fixtures/{title}",
                   "Random weights with randomised norms and biases, a real tokenizer. For tests only.")
@@ -68,7 +71,7 @@ def _build_gpt2(folder: Path) -> None:
 
 def _build_starcoder2(folder: Path) -> None:
     import torch
-    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+    from transformers import AutoTokenizer, Starcoder2Config, Starcoder2ForCausalLM
 
     ids = _tokenizer(folder, "starcoder", bos="<|endoftext|>", eos="<|endoftext|>")
     config = Starcoder2Config(vocab_size=ids["vocab_size"], hidden_size=DIMS["hidden"], intermediate_size=DIMS["ff"],
@@ -76,7 +79,9 @@ def _build_starcoder2(folder: Path) -> None:
                               num_key_value_heads=DIMS["kv_heads"], max_position_embeddings=256, use_bias=True,
                               sliding_window=None, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     torch.manual_seed(SEED)
-    _save(folder, Starcoder2ForCausalLM(config), "tiny-starcoder2", ids["eos_token_id"])
+    # a second stop id that llama.cpp does not know by its text: convert must write it as eot/eom
+    stops = [ids["eos_token_id"], AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(EXTRA_STOP)]
+    _save(folder, Starcoder2ForCausalLM(config), "tiny-starcoder2", stops)
 
 
 def _build_stablelm(folder: Path) -> None:

@@ -101,6 +101,22 @@ def test_tokens_template_and_result(name, delegated, text_samples):
     assert path.name.endswith("-F32.gguf") and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_generation_config_stop_ids_end_generation(delegated):
+    """StarCoder2's fixture also stops at a token llama.cpp does not know as a stop: a metadata edit makes it one."""
+    import llama_cpp
+
+    src, result, _ = delegated["starcoder2"]
+    stops = json.loads((src / "generation_config.json").read_text())["eos_token_id"]
+    assert len(stops) == 2
+    llm = open_llama(result["files"][0], vocab_only=True)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        assert all(llama_cpp.llama_vocab_is_eog(vocab, t) for t in stops)
+    finally:
+        llm.close()
+    assert any(fixtures_delegate.EXTRA_STOP in n and "eot_token_id" in n for n in result["notes"]), result["notes"]
+
+
 # -- bad input: one line, nothing left behind ---------------------------------------------------------
 
 

@@ -49,6 +49,18 @@ class Delegated:
     log: list[str]
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    events: list[dict] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        out = []
+        for ev in self.events:
+            if ev["event"] == "eog_added":
+                out.append(f"generation_config.json stops at {ev['text']!r} ({ev['id']}), which llama.cpp would not: "
+                           f"written as tokenizer.ggml.{ev['slot']}_token_id so that llama.cpp stops there too")
+            elif ev["event"] == "eog_unplaced":
+                out.append(f"generation_config.json stops at {ev['text']!r} ({ev['id']}) but llama.cpp's "
+                           f"end-of-generation keys are taken")
+        return out
 
 
 def converter_label() -> str:
@@ -117,7 +129,7 @@ def run_converter(ckpt: Checkpoint, out_dir: Path, *, outtype: str, pre_tokenize
         raise EdgequantError(f"llama.cpp's converter exited without writing a file ({_last(log)}); "
                              f"run with EDGEQUANT_VERBOSE=1 to see its output")
     fallbacks = [ln.split(" - ", 1)[-1].strip() for ln in log if "falling back to F16" in ln]
-    return Delegated(files, log, fallbacks, time.perf_counter() - t0)
+    return Delegated(files, log, fallbacks, time.perf_counter() - t0, events)
 
 
 def _last(log: list[str]) -> str:
@@ -312,7 +324,10 @@ def convert_with_llama_cpp(ckpt: Checkpoint, output, *, outtype: str, chat_templ
     reference = _hf_tokenizer(ckpt, notes)
     templates, replace = _template_edits(ckpt, reference, chat_template, template_bos)
     fingerprint = ckpt.fingerprint()
-    edits: dict = {"set": provenance_edits(ckpt, fingerprint)}
+    from edgequant.export.vocab_eog import LLAMACPP_EOG_TEXTS, generation_eos_ids
+
+    edits: dict = {"set": provenance_edits(ckpt, fingerprint),
+                   "eog": {"wanted": generation_eos_ids(ckpt), "texts": sorted(LLAMACPP_EOG_TEXTS)}}
     if replace:
         edits["chat_template"] = templates.gguf_value()
     if templates.bos_policy:
@@ -346,7 +361,7 @@ def convert_with_llama_cpp(ckpt: Checkpoint, output, *, outtype: str, chat_templ
         bos_policy=templates.bos_policy,
         fingerprint=fingerprint,
         fallbacks=done.fallbacks,
-        notes=notes + templates.notes,
+        notes=notes + templates.notes + done.notes(),
         converter=CONVERTER_NAME,
         checks=[c.to_dict() for c in checks],
     )

@@ -6,7 +6,8 @@ starts it; nothing here is llama.cpp's code, and nothing of llama.cpp's is copie
   the tokenizers listed in its ``get_vocab_base_pre``);
 - model-folder code runs only with ``--trust-remote-code`` (the converter asks transformers for it everywhere);
 - metadata edits: keys edgequant adds or replaces (provenance, ``--chat-template``, ``--template-bos``,
-  end-of-generation ids) are set on the converter's ``GGUFWriter`` just before it writes the header, so the
+  ``generation_config.json`` stop ids llama.cpp would not stop at, into a free ``eot``/``eom`` key as
+  edgequant's own converter does) are set on the converter's ``GGUFWriter`` just before it writes the header, so the
   file is written once, never rewritten.
 
 Usage (internal): ``python -P delegate_runner.py SPEC.json``; the spec names the unpacked converter folder,
@@ -101,6 +102,30 @@ def _value(gguf, spec: dict):
     return spec["value"], vtype, sub
 
 
+def _end_of_generation(writer, gguf, kv: dict, eog: dict) -> None:
+    """Stop ids of generation_config.json that llama.cpp would not stop at (by its eos/eot/eom keys or the
+    token texts edgequant passes, which llama.cpp knows) go into a free eot or eom key."""
+    T = gguf.Keys.Tokenizer
+    field = kv.get(T.LIST)
+    if field is None:
+        return
+    tokens, texts = field.value, set(eog["texts"])
+    slots = {"eot": T.EOT_ID, "eom": T.EOM_ID}
+    ids = {k: kv[key].value for k, key in (("eos", T.EOS_ID), *slots.items()) if key in kv}
+    stops = {i for i, t in enumerate(tokens) if t in texts} | set(ids.values())
+    for tid in eog["wanted"]:
+        if not 0 <= tid < len(tokens) or tid in stops:
+            continue
+        slot = next((s for s in slots if s not in ids), None)
+        if slot is None:
+            emit("eog_unplaced", id=tid, text=tokens[tid])
+            continue
+        writer.add_uint32(slots[slot], tid)
+        ids[slot] = tid
+        stops.add(tid)
+        emit("eog_added", id=tid, text=tokens[tid], slot=slot)
+
+
 def _hook_metadata(gguf, edits: dict) -> None:
     write_header = gguf.GGUFWriter.write_header_to_file
 
@@ -115,6 +140,8 @@ def _hook_metadata(gguf, edits: dict) -> None:
             value, vtype, sub = _value(gguf, spec)
             kv.pop(key, None)
             self.add_key_value(key, value, vtype, sub_type=sub)
+        if edits.get("eog"):
+            _end_of_generation(self, gguf, kv, edits["eog"])
         tokens = kv.get(gguf.Keys.Tokenizer.LIST)
         emit("header", n_tokens=len(tokens.value) if tokens is not None else None)
         return write_header(self, *args, **kwargs)
