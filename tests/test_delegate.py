@@ -37,7 +37,8 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['r
 
 @pytest.fixture(scope="module")
 def delegated(tmp_path_factory):
-    """Each delegated fixture converted once to F32 by llama.cpp's converter (one subprocess each); StableLM
+    """Each delegated fixture converted once to F32 by llama.cpp's converter (one subprocess each; GPT-2 with
+    the default --converter auto); StableLM
     through the CLI with --json and --chat-template (the template the file must then carry)."""
     from edgequant.cli import app
 
@@ -45,7 +46,8 @@ def delegated(tmp_path_factory):
     for name, build in DELEGATED.items():
         src, folder = build(), tmp_path_factory.mktemp(name)
         if name != "stablelm":
-            out[name] = (src, convert(src, folder, outtype="f32", converter="llama.cpp").to_dict(), None)
+            how = {} if name == "gpt2" else {"converter": "llama.cpp"}  # gpt2: the default, auto, picks llama.cpp
+            out[name] = (src, convert(src, folder, outtype="f32", **how).to_dict(), None)
             continue
         template = folder.parent / "template.jinja"
         template.write_text(TEMPLATE)
@@ -155,6 +157,18 @@ def test_sdist_not_obtainable_offline(tmp_path, monkeypatch):
     with pytest.raises(EdgequantError) as e:
         convert(fixtures_delegate.tiny_gpt2(), out, converter="llama.cpp")
     _one_line_and_empty(e, out, "EDGEQUANT_LLAMA_CPP_SDIST")
+
+
+def test_missing_dependency_names_the_pip_command(tmp_path, monkeypatch):
+    """A converter whose environment lacks a module (here torch, hidden from its subprocess) says what to install."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{hide}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "out"
+    with pytest.raises(EdgequantError) as e:
+        convert(fixtures_delegate.tiny_gpt2(), out, converter="llama.cpp")
+    _one_line_and_empty(e, out, "pip install torch")
 
 
 # -- a native architecture both ways ---------------------------------------------------------------------
