@@ -128,7 +128,8 @@ def run_converter(ckpt: Checkpoint, out_dir: Path, *, outtype: str, pre_tokenize
     if not files:
         raise EdgequantError(f"llama.cpp's converter exited without writing a file ({_last(log)}); "
                              f"run with EDGEQUANT_VERBOSE=1 to see its output")
-    fallbacks = [ln.split(" - ", 1)[-1].strip() for ln in log if "falling back to F16" in ln]
+    # logging's default format, LEVEL:logger:message
+    fallbacks = [ln.split(":", 2)[-1].strip() for ln in log if "falling back to F16" in ln]
     return Delegated(files, log, fallbacks, time.perf_counter() - t0, events)
 
 
@@ -317,8 +318,8 @@ def convert_with_llama_cpp(ckpt: Checkpoint, output, *, outtype: str, chat_templ
         validate(pre_tokenizer)
     out = Path(output) if output is not None else Path.cwd()
     folder = out.parent if out.suffix == ".gguf" else out
-    if out.suffix == ".gguf" and not (split_max_size or split_max_tensors):
-        check_writable([out], force=force)  # before minutes of conversion
+    if not (split_max_size or split_max_tensors):  # before minutes of conversion (the final names are checked again)
+        check_writable([planned_name(ckpt, ftype, out, model_name)], force=force)
     why = "--converter llama.cpp" if asked == "llama.cpp" else f"edgequant has no converter of its own for {ckpt.hf_architecture}"
     notes = [f"converted by {converter_label()} ({why}); edgequant's checks ran on its file"]
     reference = _hf_tokenizer(ckpt, notes)
