@@ -100,7 +100,9 @@ def run_converter(ckpt: Checkpoint, out_dir: Path, *, outtype: str, pre_tokenize
                             errors="replace", env=env, cwd=out_dir)
     try:
         with contextlib.ExitStack() as bars:
-            tensors = bars.enter_context(progress_count(f"{description}: reading tensors", len(ckpt.tensors)))
+            reading = contextlib.ExitStack()  # one live bar at a time (rich allows no more): reading, then writing
+            bars.enter_context(reading)
+            tensors = reading.enter_context(progress_count(f"{description}: reading tensors", len(ckpt.tensors)))
             writing = None
             assert proc.stderr is not None
             for line in proc.stderr:
@@ -110,6 +112,7 @@ def run_converter(ckpt: Checkpoint, out_dir: Path, *, outtype: str, pre_tokenize
                     if ev["event"] == "tensor":
                         tensors.advance(1)
                     elif ev["event"] == "bar" and ev.get("total"):
+                        reading.close()
                         writing = bars.enter_context(progress_bytes(f"{description}: writing", int(ev["total"])))
                     elif ev["event"] == "advance" and writing is not None:
                         writing.advance(ev["n"])
