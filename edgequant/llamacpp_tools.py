@@ -100,6 +100,49 @@ def vendored(relpath: str) -> Path:
     return final
 
 
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # what running llama.cpp's converter needs
+
+
+def converter_dir() -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` with its ``conversion/`` and ``gguf-py/``, unpacked once per
+    llama-cpp-python version from its sdist into the cache (``EDGEQUANT_LLAMA_CPP_SDIST`` names a
+    pre-fetched archive or unpacked folder): the converter of exactly the runtime's llama.cpp commit."""
+    src = sdist()
+    if src.is_dir():
+        root = src / "vendor" / "llama.cpp" if (src / "vendor" / "llama.cpp").is_dir() else src
+        if not (root / "convert_hf_to_gguf.py").is_file():
+            raise EdgequantError(f"{src} has no vendor/llama.cpp/convert_hf_to_gguf.py; name the llama-cpp-python "
+                                 f"sdist or its unpacked folder in {ENV_SDIST}")
+        return root
+    final = cache_root() / "llama.cpp-converter" / f"{installed_version()}-{src.stat().st_size}"
+    if (final / "convert_hf_to_gguf.py").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".unpack-") as tmp:
+        staged = Path(tmp) / "converter"
+        try:
+            with tarfile.open(src) as tar:
+                for m in tar.getmembers():
+                    rel = m.name.split("/", 1)[-1].removeprefix("vendor/llama.cpp/")
+                    if not m.name.split("/", 1)[-1].startswith("vendor/llama.cpp/") or not m.isfile():
+                        continue
+                    if rel == CONVERTER_PARTS[0] or rel.startswith(CONVERTER_PARTS[1:]):
+                        out = staged / rel
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        with tar.extractfile(m) as data, open(out, "wb") as f:
+                            shutil.copyfileobj(data, f)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise EdgequantError(f"cannot unpack {src} ({e}); delete it to download it again, or set {ENV_SDIST}") from None
+        if not (staged / "convert_hf_to_gguf.py").is_file():
+            raise EdgequantError(f"{src} has no vendor/llama.cpp/convert_hf_to_gguf.py; name the llama-cpp-python sdist")
+        try:
+            os.replace(staged, final)
+        except OSError:  # another process unpacked it first
+            if not (final / "convert_hf_to_gguf.py").is_file():
+                raise
+    return final
+
+
 def _sha256(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256(str(path.resolve()).encode()).hexdigest()

@@ -10,7 +10,7 @@ import typer
 from edgequant.cli.options import JsonOpt, TrustOpt, trust
 from edgequant.cli.output import Table, err, out, print_fallbacks, run, say, show
 from edgequant.errors import EdgequantError
-from edgequant.export.options import DEFAULT_SLIDING_WINDOW
+from edgequant.export.options import DEFAULT_CONVERTER, DEFAULT_SLIDING_WINDOW
 from edgequant.units import human_size
 
 
@@ -26,6 +26,7 @@ def convert(
     name: Optional[str] = typer.Option(None, "--name", help="Model name for metadata and the file name."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     sliding_window: str = typer.Option(DEFAULT_SLIDING_WINDOW, "--sliding-window", help="ignore: Mistral-family files as llama.cpp's llama architecture (attends to the whole context, loads everywhere); exact: granite_swa, equal to transformers past the window (llama.cpp from July 2026). docs/convert.md."),
+    converter: str = typer.Option(DEFAULT_CONVERTER, "--converter", help="auto: edgequant's own converter where it has the architecture, else llama.cpp's convert_hf_to_gguf.py of the installed llama-cpp-python; native; llama.cpp. docs/convert.md."),
     trust_remote_code: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -38,7 +39,7 @@ def convert(
             source, output, outtype=outtype, chat_template=chat_template, template_bos=template_bos,
             pre_tokenizer=pre_tokenizer, split_max_size=parse_size(split_max_size) if split_max_size else 0,
             split_max_tensors=split_max_tensors, model_name=name, force=force,
-            sliding_window=sliding_window.lower(),
+            sliding_window=sliding_window.lower(), converter=converter.lower(),
         ),
         as_json,
     )
@@ -60,12 +61,15 @@ def _render(result) -> None:
     table = Table(title=f"{result.hf_architecture} -> GGUF {result.outtype}", show_header=False)
     for f in result.files:
         table.add_row("file", f)
+    table.add_row("converter", "edgequant" if result.converter == "native" else "llama.cpp convert_hf_to_gguf.py")
     table.add_row("parameters", f"{result.n_params:,}")
     table.add_row("size", f"{human_size(result.size_bytes)} ({result.bits_per_weight:.2f} bits/weight)")
     table.add_row("tokenizer", f"{result.tokenizer} (pre: {result.pre_tokenizer})")
     table.add_row("chat template", f"{result.chat_template_source or 'none'} (BOS: {result.bos_policy or '-'})")
     if result.sliding_window:
         table.add_row("sliding window", f"{result.sliding_window} ({result.architecture})")
+    for c in result.checks:
+        table.add_row(f"check {c['name']}", f"{c['status']}: {c['detail']}" if c.get("detail") else c["status"])
     table.add_row("time", f"{result.seconds:.1f} s")
     out.print(table)
     print_fallbacks(result.outtype, result.fallbacks)

@@ -17,7 +17,8 @@ from edgequant.checkpoint import Checkpoint, open_checkpoint
 from edgequant.errors import EdgequantError
 from edgequant.gguf_info import KEY_SLIDING_WINDOW
 from edgequant.export.archs import Architecture, architecture_for
-from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
+from edgequant.export.checks import check_token_ids
+from edgequant.export.options import CONVERTERS, DEFAULT_CONVERTER, DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.export.gguf_file import OUTTYPES, TensorChoice, choose_types, ftype_label, tensor_nbytes, write_gguf
 from edgequant.export.template import ChatTemplates, check_templates, find_templates
 from edgequant.export.vocab import Vocab, build_vocab
@@ -49,6 +50,8 @@ class ConvertResult:
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sliding_window: str | None = None  # "exact", "ignored" (the runtime attends to everything), None: no window
+    converter: str = "native"  # "native" (edgequant's own) or "llama.cpp" (its convert_hf_to_gguf.py)
+    checks: list[dict] = field(default_factory=list)  # export.checks records: name, status, detail
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +80,30 @@ def convert(
     model_name: str | None = None,
     force: bool = False,
     sliding_window: str = DEFAULT_SLIDING_WINDOW,
+    converter: str = DEFAULT_CONVERTER,
 ) -> ConvertResult:
-    """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path)."""
+    """Convert ``source`` (an HF folder or hub id) into GGUF under ``output`` (a folder or a ``.gguf`` path).
+
+    ``converter``: ``auto`` (edgequant's own where it has the architecture, else llama.cpp's
+    ``convert_hf_to_gguf.py`` of the installed llama-cpp-python), ``native`` or ``llama.cpp``."""
     t0 = time.perf_counter()
-    _check_arguments(output, outtype, template_bos, split_max_size, split_max_tensors)
-    src = _read_source(source, outtype, chat_template, template_bos, pre_tokenizer, sliding_window)
+    _check_arguments(output, outtype, template_bos, split_max_size, split_max_tensors, converter)
+    if sliding_window not in SLIDING_WINDOW_MODES:  # before reading any weights
+        raise EdgequantError(f"--sliding-window {sliding_window!r}: use {' or '.join(SLIDING_WINDOW_MODES)}")
+    ckpt = open_checkpoint(source)
+    if uses_llama_cpp(ckpt.hf_architecture, converter):
+        from edgequant.export.delegate import convert_with_llama_cpp
+
+        return convert_with_llama_cpp(ckpt, output, outtype=outtype, chat_template=chat_template,
+                                      template_bos=template_bos, pre_tokenizer=pre_tokenizer,
+                                      split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+                                      model_name=model_name, force=force, t0=t0, asked=converter)
+    try:
+        src = _read_source(ckpt, outtype, chat_template, template_bos, pre_tokenizer, sliding_window)
+    except EdgequantError as e:
+        if converter == "native" and str(e).startswith("unsupported architecture"):
+            raise EdgequantError(f"{e}; --converter auto or llama.cpp converts it with llama.cpp's converter") from None
+        raise
     final, meta = _final_path(src.ckpt, src.arch, src.choices, src.ftype, output, model_name)
     files = write_gguf(final, src.arch.arch_name, src.choices, _metadata_writer(src, meta),
                        split_max_tensors=split_max_tensors, split_max_size=split_max_size, force=force,
@@ -89,12 +111,28 @@ def convert(
     from edgequant.llamacpp import verify_written
 
     verify_written(files)  # llama.cpp loads it (hparams, vocabulary, every tensor's shape), or it is removed
-    _check_token_ids(files, src.vocab.reference)
-    return _result(src, files, time.perf_counter() - t0)
+    tokens = check_token_ids(files, src.vocab.reference)
+    result = _result(src, files, time.perf_counter() - t0)
+    result.checks = [tokens.to_dict()]
+    return result
 
 
-def _check_arguments(output, outtype: str, template_bos: str, split_max_size: int, split_max_tensors: int) -> None:
+def uses_llama_cpp(hf_architecture: str, converter: str = DEFAULT_CONVERTER) -> bool:
+    """Whether ``converter`` means llama.cpp's converter for this architecture (``auto``: where edgequant has none)."""
+    from edgequant.export.archs import supported
+
+    if converter == "llama.cpp":
+        return True
+    if converter == "native" or hf_architecture in supported():
+        return False
+    return True
+
+
+def _check_arguments(output, outtype: str, template_bos: str, split_max_size: int, split_max_tensors: int,
+                     converter: str = DEFAULT_CONVERTER) -> None:
     """Refuse bad options before reading the checkpoint."""
+    if converter not in CONVERTERS:
+        raise EdgequantError(f"--converter {converter!r}: use {', '.join(CONVERTERS)}")
     if split_max_size < 0 or split_max_tensors < 0:
         raise EdgequantError("--split-max-size and --split-max-tensors must be positive (or 0 for no split)")
     if output is not None and Path(output).suffix != ".gguf":
@@ -119,13 +157,10 @@ class _Source:
     fingerprint: str
 
 
-def _read_source(source, outtype: str, chat_template, template_bos: str, pre_tokenizer: str | None,
+def _read_source(ckpt: Checkpoint, outtype: str, chat_template, template_bos: str, pre_tokenizer: str | None,
                  sliding_window: str = DEFAULT_SLIDING_WINDOW) -> _Source:
-    """Open the checkpoint and check what llama.cpp will need: the vocabulary, the chat template
+    """Check what llama.cpp will need from the opened checkpoint: the vocabulary, the chat template
     (its BOS policy) and embedding rows that match the token count."""
-    if sliding_window not in SLIDING_WINDOW_MODES:  # before reading any weights
-        raise EdgequantError(f"--sliding-window {sliding_window!r}: use {' or '.join(SLIDING_WINDOW_MODES)}")
-    ckpt = open_checkpoint(source)
     arch = architecture_for(ckpt.hf_architecture)(ckpt, sliding_window=sliding_window)
     ftype = resolve_outtype(outtype, ckpt.source_dtype())
     vocab = build_vocab(ckpt, pre_tokenizer)
@@ -213,39 +248,13 @@ def _final_path(ckpt, arch, choices, ftype, output, model_name):
 def planned_path(source, output, model_name=None) -> Path:
     """Where ``convert(source, output, outtype="auto")`` would write, without converting anything."""
     ckpt = open_checkpoint(source)
-    arch = architecture_for(ckpt.hf_architecture)(ckpt)
     ftype = resolve_outtype("auto", ckpt.source_dtype())
+    if uses_llama_cpp(ckpt.hf_architecture):
+        from edgequant.export.delegate import planned_name
+
+        return planned_name(ckpt, ftype, output, model_name)
+    arch = architecture_for(ckpt.hf_architecture)(ckpt)
     return _final_path(ckpt, arch, choose_types(arch.plan(), ftype), ftype, output, model_name)[0]
-
-
-PROBE_TEXT = "Hello world. The quick brown fox jumps over 12345 lazy dogs, don't you think?\n  Indented: x = [1, 2]"
-
-
-def _check_token_ids(files: list[Path], reference) -> None:
-    """llama.cpp's tokenizer on the written file gives the HF tokenizer's ids for a plain probe text, or
-    the file is removed: a vocabulary written in the wrong form (a SentencePiece tokenizer as byte-level
-    BPE, a wrong --pre-tokenizer) is refused, not published."""
-    if reference is None:  # the HF tokenizer could not be loaded: convert's notes say so
-        return
-    from edgequant.llamacpp import open_llama
-
-    want = list(reference.encode(PROBE_TEXT, add_special_tokens=False))
-    llm = open_llama(files[0], vocab_only=True)
-    try:
-        got = llm.tokenize(PROBE_TEXT.encode("utf-8"), add_bos=False, special=False)
-        piece = llm._model.token_get_text
-        if got != want:
-            i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            ours = repr(piece(got[i])) if i < len(got) else "end"
-            theirs = repr(reference.convert_ids_to_tokens(want[i])) if i < len(want) else "end"
-    finally:
-        llm.close()
-    if got != want:
-        for f in files:
-            Path(f).unlink(missing_ok=True)
-        raise EdgequantError(f"llama.cpp tokenizes the written file differently from the HF tokenizer (token {i}: "
-                             f"{ours} vs {theirs}); the file was removed. A wrong --pre-tokenizer, or a tokenizer "
-                             f"edgequant reads wrongly: please report it")
 
 
 def _check_vocab_rows(plan, n_tokens: int, config_vocab) -> None:

@@ -7,3 +7,8 @@ from __future__ import annotations
 # (docs/convert.md says why "ignore" is the default).
 SLIDING_WINDOW_MODES = ("ignore", "exact")
 DEFAULT_SLIDING_WINDOW = "ignore"
+
+# --converter: "auto" converts with edgequant's own code where it has the architecture (export/archs/) and
+# with llama.cpp's convert_hf_to_gguf.py (of the installed llama-cpp-python) otherwise.
+CONVERTERS = ("auto", "native", "llama.cpp")
+DEFAULT_CONVERTER = "auto"

@@ -181,17 +181,19 @@ def _base_stage(run: _Run) -> None:
     template_file = r.resolve(r.chat_template) if r.chat_template else None
     run.base_key = stage_key("base", run.fingerprint, base_t, r.split_max_size, r.name, r.keep_base,
                              template_file.read_text() if template_file else None, r.sliding_window,
-                             run.versions.edgequant)
+                             run.versions.edgequant, *([r.converter] if r.converter != "auto" else []))
 
     def make():
         from edgequant.export.convert import convert
 
         res = convert(run.ckpt.path, base_path, outtype=base_t.lower(), chat_template=template_file,
-                      split_max_size=r.split_max_size, model_name=r.name, force=True, sliding_window=r.sliding_window)
+                      split_max_size=r.split_max_size, model_name=r.name, force=True, sliding_window=r.sliding_window,
+                      converter=r.converter)
         files = [Path(f) for f in res.files]
         return files, {"type": base_t, "files": [f.name for f in files], "fallbacks": list(res.fallbacks),
                        "notes": res.notes, "size_bytes": res.size_bytes, "bits_per_weight": res.bits_per_weight,
-                       "architecture": res.architecture, "sliding_window": res.sliding_window}
+                       "architecture": res.architecture, "sliding_window": res.sliding_window,
+                       "converter": res.converter}
 
     rec = run.stage("base", "convert", run.base_key, make)
     run.base_files = [out / p for p in rec["paths"]]

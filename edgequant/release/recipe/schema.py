@@ -23,7 +23,7 @@ from types import UnionType
 from typing import Any, Iterable, Mapping
 
 from edgequant.bench.options import BenchOptions
-from edgequant.export.options import DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
+from edgequant.export.options import CONVERTERS, DEFAULT_CONVERTER, DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.naming import gptq_label
 from edgequant.quantize.gptq_options import GPTQOptions
 from edgequant.quantize.imatrix_llamacpp import ENGINES as IMATRIX_ENGINES
@@ -277,6 +277,8 @@ class Recipe:
     sliding_window: str = key(DEFAULT_SLIDING_WINDOW, "Mistral's window: ignore (llama architecture) or exact "
                               "(granite_swa, equal to transformers past the window)", choices=SLIDING_WINDOW_MODES,
                               lower=True)
+    converter: str = key(DEFAULT_CONVERTER, "auto: edgequant's converter where it has the architecture, else "
+                         "llama.cpp's convert_hf_to_gguf.py; native; llama.cpp", choices=CONVERTERS, lower=True)
     imatrix: ImatrixSettings = table(ImatrixSettings(), "the importance matrix")
     calibration: CalibrationSettings = table(CalibrationSettings(), "GPTQ and imatrix calibration")
     bench: BenchSettings = table(BenchSettings(), "quality and speed measurements")
