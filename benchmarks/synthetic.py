@@ -11,8 +11,8 @@ real Qwen tokenizer and Qwen3 chat template of the test fixtures (llama.cpp's
 ``models/ggml-vocab-qwen2.gguf`` turned into ``tokenizer.json``).
 
 ``synthetic_qwen3_moe_2l()``: two decoder layers of Qwen3-30B-A3B at their real width (hidden 2048,
-128 experts of 768 rows, top-8, 32 query heads of 128, untied 151936-row embeddings; ~2.0B parameters,
-4 GB of bf16) with the per-expert tensor names ``save_pretrained`` writes and the same Qwen tokenizer.
+128 experts of 768 rows, top-8, 32 query heads of 128, untied 151936-row embeddings; 1.87B parameters,
+3.7 GB of bf16) with the per-expert tensor names ``save_pretrained`` writes and the same Qwen tokenizer.
 """
 
 from __future__ import annotations

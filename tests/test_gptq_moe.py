@@ -7,7 +7,6 @@ in one line."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -87,31 +86,10 @@ def test_an_expert_without_tokens_is_never_quantized_from_nothing(tmp_path):
     assert cov.gptq_min_samples == 32 and cov.rtn_modules == [] and not result.warnings
 
 
-def _fused_copy(src: Path, dst: Path) -> Path:
-    """The per-expert fixture with its experts stacked as transformers 5 holds them in memory (the layout a
-    trainer's ``save_pretrained(save_original_format=False)`` dumped with earlier transformers 5 releases):
-    ``mlp.experts.gate_up_proj [E, 2 ff, hidden]`` (gate rows first) and ``mlp.experts.down_proj [E, hidden, ff]``."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copyfile(f, dst / f.name)
-    tensors = load_file(str(src / "model.safetensors"))
-    out = {k: v for k, v in tensors.items() if ".experts." not in k}
-    for layer in range(2):
-        p = f"model.layers.{layer}.mlp.experts"
-        e = range(fixtures_qwen_moe.N_EXPERT)
-        out[f"{p}.gate_up_proj"] = torch.stack([torch.cat([tensors[f"{p}.{i}.gate_proj.weight"], tensors[f"{p}.{i}.up_proj.weight"]]) for i in e])
-        out[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{i}.down_proj.weight"] for i in e])
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("which", ["qwen3_moe_fused", "gpt_oss"])
 def test_refused_in_one_line(which, tmp_path):
     if which == "qwen3_moe_fused":
-        src = _fused_copy(fixtures_qwen_moe.tiny_qwen3_moe("per_expert"), tmp_path / "fused")
+        src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
     else:
         src = fixtures_gpt_oss.tiny_gpt_oss()
     out = tmp_path / "out"

@@ -67,7 +67,8 @@ def test_smollm2_equals_llama_imatrix(smollm2_hf_dir, llama_tools, pydoc, tmp_pa
 def test_mixtral_experts_equal_llama_imatrix(tiny_mixtral_dir, llama_tools, pydoc, tmp_path):
     """Per-expert sums and counts from MUL_MAT_ID, experts no token reached included (one chunk of 32
     tokens leaves two of layer 1's eight experts unused); the HF folder is converted first."""
-    r = compute_imatrix(tiny_mixtral_dir, tmp_path / "ours.gguf", text=pydoc, ctx=32, chunks=1, engine="llama.cpp")
+    r = compute_imatrix(tiny_mixtral_dir, tmp_path / "ours.gguf", text=pydoc, ctx=32, chunks=1, engine="llama.cpp",
+                       unseen_experts="uniform")  # llama-imatrix keeps unseen experts at count 0
     assert r.engine == "llama.cpp"
     assert not list(Path(r.path).parent.glob("*-F16.gguf"))  # the temporary conversion is gone
     f16 = Path(convert(tiny_mixtral_dir, tmp_path, outtype="f16").files[0])

@@ -49,7 +49,7 @@ FAMILIES = {
 # the 151,936-token vocabulary again would cost ~25 s. The llama-path relatives have the tiny Llama's
 # tensor names: only Mistral 3's multimodal class (its decoder under the language model) is checked.
 IMATRIX_FAMILIES = [f for f in FAMILIES if not f.startswith("qwen") and f not in ("smollm3", "granite", "ministral3")]
-# transformers loads Mistral 3's multimodal class only as an image-text model: edgequant gptq refuses it
+# transformers loads Mistral 3's multimodal class only as an image-text model: edgequant gptq refuses it (below)
 GPTQ_FAMILIES = [f for f in FAMILIES if f != "mistral3_vlm"]
 TINY = GPTQOptions(samples=16, seq_len=128)
 PHI3_MODULES = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
@@ -106,6 +106,12 @@ def test_gptq_reloads_in_transformers(family, tmp_path):
     cos_gptq, cos_rtn = _cos(ref, ours_logits), _cos(ref, _logits(rtn, ids))
     print(f"{family}: cos(ref, gptq kernel) {_cos(ref, got):.5f}, unpacked {cos_gptq:.5f}, rtn {cos_rtn:.5f}")
     assert cos_gptq >= cos_rtn - 1e-3, (cos_gptq, cos_rtn)
+
+
+def test_gptq_refuses_mistral3_multimodal_class(tmp_path):
+    with pytest.raises(EdgequantError, match="only as an image-text model.*Ministral3ForCausalLM") as e:
+        gptq(fixtures_relatives.tiny_mistral3_vlm(), [4], tmp_path, TINY)
+    assert "\n" not in str(e.value) and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("family", IMATRIX_FAMILIES)

@@ -153,6 +153,7 @@ def release(recipe: Recipe, *, log: Log | None = None, command: str | None = Non
     with Stages(out).locked() as stages:
         run = _Run(recipe, stages, log or (lambda msg: None))
         run.open_source()
+        recipe = run.r = _without_refused_gptq(run)
         _base_stage(run)
         if recipe.needs_imatrix:
             _imatrix_stage(run)
@@ -258,6 +259,23 @@ def _quantize(run: _Run, v: GGUFVariant) -> tuple[list[Path], dict]:
                    "bits_per_weight": res.bits_per_weight, "imatrix": v.imatrix}
 
 
+def _without_refused_gptq(run: _Run) -> Recipe:
+    """The recipe without its GPTQ checkpoints when ``edgequant gptq`` refuses the family (GPT-OSS): they are
+    skipped with the refusal as the log line, the rest of the release goes on."""
+    import dataclasses
+
+    from edgequant.quantize.gptq import gptq_refusal
+
+    r = run.r
+    why = gptq_refusal(run.ckpt) if r.gptq else None
+    if why is None:
+        return r
+    for v in r.gptq:
+        run.skipped.append(v.artifact)
+        run.log(f"[bold]skipped[/] {escape(v.artifact)}: {escape(why)}")
+    return dataclasses.replace(r, gptq=())
+
+
 def _gptq_stage(run: _Run, v: GPTQVariant) -> None:
     """One GPTQ checkpoint folder, made in ``.edgequant/gptq`` and moved into place when complete."""
     key = run.gptq_key(v, run.cal_text.sha256)
@@ -281,7 +299,8 @@ def _make_gptq(run: _Run, v: GPTQVariant, target: Path) -> tuple[list[Path], dic
     return [target], {"bits": res.bits, "group_size": res.group_size, "size_bytes": res.size_bytes,
                       "bits_per_weight": res.bits_per_weight, "samples": res.samples, "seq_len": res.seq_len,
                       "calibration": res.calibration, "max_loss": res.max_loss, "notes": res.notes,
-                      "desc_act": res.desc_act, "sym": res.sym}
+                      "desc_act": res.desc_act, "sym": res.sym, "defuser_model_type": res.defuser_model_type,
+                      "experts": res.experts.to_dict() if res.experts else None, "warnings": list(res.warnings)}
 
 
 def _with_left_out(run: _Run) -> Recipe:
@@ -436,9 +455,19 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
                                  bits_per_weight=res["bits_per_weight"], options=v.to_dict(), notes=res.get("notes", []),
-                                 defuser_model_type=res.get("defuser_model_type"),
+                                 defuser_model_type=_defuser_type(run, v, res),
                                  metrics=Metrics.from_bench_row(rows.get(v.artifact))))
     return arts
+
+
+def _defuser_type(run: _Run, v: GPTQVariant, res: dict) -> str | None:
+    """What the card's loading snippet hands defuser; read from the folder for stage records made before
+    the GPTQ stage kept it."""
+    if "defuser_model_type" in res:
+        return res["defuser_model_type"]
+    from edgequant.gptq_load import defuser_model_type
+
+    return defuser_model_type(run.out / gptq_folder(run.r.name, v.artifact))
 
 
 def _source_card_meta(folder: Path) -> dict:

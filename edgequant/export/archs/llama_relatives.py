@@ -21,6 +21,8 @@ with normal RoPE) plus what its llama.cpp graph reads besides (``src/models/<arc
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 
 from edgequant.errors import EdgequantError
@@ -101,6 +103,13 @@ class Granite(_Relative):
             add(float(value))
 
 
+# transformers builds Mistral 3's multimodal class only as an image-text model, not through AutoModelForCausalLM,
+# which loads GPTQ folders (the card's snippet, edgequant's reload check)
+_MISTRAL3_VLM_LAYOUT = dataclasses.replace(MULTIMODAL_TEXT_LAYOUT, gptq_refused=(
+    "edgequant gptq does not quantize Mistral3ForConditionalGeneration: transformers loads it only as an image-text "
+    "model, not as the causal LM a GPTQ folder is loaded as; quantize its text model (Ministral3ForCausalLM) or use the GGUF files"))
+
+
 @register("Ministral3ForCausalLM", "Mistral3ForConditionalGeneration")
 class Mistral3(_Relative):
     gguf_arch = gguf.MODEL_ARCH.MISTRAL3
@@ -122,7 +131,7 @@ class Mistral3(_Relative):
 
     @classmethod
     def layout_for(cls, hf_architecture: str) -> QuantLayout:
-        return MULTIMODAL_TEXT_LAYOUT if hf_architecture == "Mistral3ForConditionalGeneration" else cls.quant_layout
+        return _MISTRAL3_VLM_LAYOUT if hf_architecture == "Mistral3ForConditionalGeneration" else cls.quant_layout
 
     def __init__(self, ckpt, **options):
         super().__init__(ckpt, **options)
