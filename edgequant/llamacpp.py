@@ -289,7 +289,28 @@ def open_llama(path: str | Path, **kwargs):
     _log_state["errors"].clear()
     with _model_params(policy.repack):
         llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+    try:
+        if not kwargs.get("vocab_only"):
+            _check_positions(path, llm)
+    except EdgequantError:
+        llm.close()
+        raise
     return llm
+
+
+def _check_positions(path: str | Path, llm) -> None:
+    """A context longer than a learned position table (GPT-2, StarCoder: ``position_embd``) would abort
+    llama.cpp at the first token past it (a GGML_ASSERT, not an error): refuse it in one line. Models with
+    RoPE run past their training context; the header is read only when the context is longer than that."""
+    n_ctx, n_train = llm.n_ctx(), llm._model.n_ctx_train()
+    if n_ctx <= n_train:
+        return
+    from edgequant.gguf_info import read_header
+
+    table = next((t for t in read_header(Path(path))[1] if t.name == "position_embd.weight"), None)
+    if table is not None and len(table.shape) > 1 and n_ctx > table.shape[1]:
+        raise EdgequantError(f"{Path(path).name} has {table.shape[1]} learned positions; a context of {n_ctx} tokens "
+                             f"would crash llama.cpp: use --ctx {table.shape[1]} or less")
 
 
 def verify_written(files: Sequence[str | Path]) -> None:

@@ -122,6 +122,20 @@ def test_generation_config_stop_ids_end_generation(delegated):
 # -- bad input: one line, nothing left behind ---------------------------------------------------------
 
 
+def test_context_past_learned_positions_is_refused(delegated):
+    """GPT-2's fixture has 256 learned positions: llama.cpp would abort (GGML_ASSERT) at token 257 of a
+    512-token bench or imatrix chunk; the open refuses it in one line naming --ctx."""
+    from edgequant.errors import EdgequantError
+    from edgequant.llamacpp import open_llama
+
+    path = delegated["gpt2"][1]["files"][0]
+    with pytest.raises(EdgequantError, match="256 learned positions.*--ctx 256 or less") as e:
+        open_llama(path, n_ctx=512)
+    assert "\n" not in str(e.value)
+    llm = open_llama(path, n_ctx=256)
+    llm.close()
+
+
 def _one_line_and_empty(excinfo, out: Path, expect: str) -> None:
     message = str(excinfo.value)
     assert "\n" not in message and expect in message, message
