@@ -127,11 +127,9 @@ class _Run:
     def imatrix_key(self, text_sha256: str) -> str:
         r, engine = self.r, self.imatrix_engine()
         on = (self.base_key, self.versions.llama_cpp_python) if engine == "llama.cpp" else (self.fingerprint,)
-        from edgequant.quantize.expert_coverage import DEFAULT_POLICY
-
         # the policy for MoE experts no token reached changes the file (expert_coverage.py)
         return stage_key("imatrix", *on, engine, text_sha256, r.imatrix.ctx, r.imatrix.chunks, self.versions.edgequant,
-                         DEFAULT_POLICY)
+                         r.imatrix.unseen_experts)
 
     def gguf_key(self, v: GGUFVariant, im_key: str | None) -> str:
         return stage_key("gguf", v.to_dict(), self.base_key, im_key if v.imatrix else None, self.versions.llama_cpp_python)
@@ -214,7 +212,7 @@ def _imatrix_stage(run: _Run) -> None:
         # llama.cpp runs the base GGUF made just before (a split base loads from its first shard)
         source = run.base_files[0] if engine == "llama.cpp" else run.ckpt.path
         res = compute(source, im_path, engine=engine, text=run.im_text, ctx=r.imatrix.ctx, chunks=r.imatrix.chunks,
-                      device=r.imatrix_device, force=True)
+                      device=r.imatrix_device, unseen_experts=r.imatrix.unseen_experts, force=True)
         for w in res.warnings:  # unseen MoE experts: said in the log, and the coverage goes into the manifest and card
             run.log(f"[yellow]warning[/] {escape(w)}")
         return [im_path], {"text": res.dataset, "ctx": res.chunk_size, "chunks": res.chunks, "entries": res.entries,
@@ -291,7 +289,7 @@ def _make_gptq(run: _Run, v: GPTQVariant, target: Path) -> tuple[list[Path], dic
     shutil.rmtree(staging, ignore_errors=True)
     opts = GPTQOptions(group_size=v.group_size, desc_act=v.desc_act, sym=v.sym, damp_percent=v.damp_percent,
                        calibration=run.r.text_source("calibration"), samples=v.samples, seq_len=v.seq_len,
-                       seed=v.seed, device=run.gptq_device, force=True)
+                       seed=v.seed, moe_routing=v.moe_routing, device=run.gptq_device, force=True)
     (res,) = gptq(run.ckpt.path, [v.bits], staging, opts)
     shutil.rmtree(target, ignore_errors=True)  # left by a run killed before it recorded the stage
     os.replace(res.folder, target)

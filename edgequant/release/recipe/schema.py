@@ -25,7 +25,8 @@ from typing import Any, Iterable, Mapping
 from edgequant.bench.options import BenchOptions
 from edgequant.export.options import CONVERTERS, DEFAULT_CONVERTER, DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
 from edgequant.naming import gptq_label
-from edgequant.quantize.gptq_options import GPTQOptions
+from edgequant.quantize.expert_coverage import DEFAULT_POLICY as DEFAULT_UNSEEN_EXPERTS, POLICIES as UNSEEN_EXPERTS
+from edgequant.quantize.gptq_options import MOE_ROUTINGS, GPTQOptions
 from edgequant.quantize.imatrix_llamacpp import ENGINES as IMATRIX_ENGINES
 from edgequant.text import BUILTIN_ALIASES, DATASETS
 
@@ -157,6 +158,9 @@ class GPTQVariant(_Keys):
     samples: int = option_key(GPTQOptions, "samples", "calibration sequences", minimum=1)
     seq_len: int = option_key(GPTQOptions, "seq_len", "tokens per calibration sequence", minimum=16)
     seed: int = option_key(GPTQOptions, "seed", "sampling seed", minimum=0)
+    moe_routing: str = option_key(GPTQOptions, "moe_routing", "MoE calibration: auto routes every token to every expert "
+                                  "when one would be short of samples; native: refuse then; all: always",
+                                  choices=MOE_ROUTINGS, lower=True)
     name: str | None = key(None, "artifact and folder name; default: the canonical name", check="artifact_name")
 
     @property
@@ -178,6 +182,8 @@ class ImatrixSettings(_Keys):
                              choices=DEVICES, lower=True)
     engine: str = key("auto", "llama.cpp (runs the base GGUF) or torch (the HF folder); auto: torch on cuda, "
                       "else llama.cpp", choices=IMATRIX_ENGINES, lower=True)
+    unseen_experts: str = key(DEFAULT_UNSEEN_EXPERTS, "MoE experts no token reached: fill (the mean of the layer's other "
+                              "experts), uniform (llama.cpp's weight 1) or error", choices=UNSEEN_EXPERTS, lower=True)
     default: bool = key(False, "use the imatrix for GGUF types that do not say imatrix = true/false")
 
 
