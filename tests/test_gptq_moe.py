@@ -52,9 +52,9 @@ def test_every_expert_calibrated_by_its_router(tmp_path):
     cov = result.experts
     tokens = opts.samples * opts.seq_len
     assert cov is not None and cov.tokens == tokens and cov.min_tokens == 2  # 0.5 % of 256, rounded up
-    assert [l.counts for l in cov.layers] == _reference_counts(src, _windows(src, opts))
-    assert all(sum(l.counts) == tokens * fixtures_qwen_moe.TOP_K for l in cov.layers)
-    print("tokens per expert", [l.counts for l in cov.layers], "GPTQ min", cov.gptq_min_samples)
+    assert [l.tokens for l in cov.layers] == _reference_counts(src, _windows(src, opts))
+    assert all(sum(l.tokens) == tokens * fixtures_qwen_moe.TOP_K for l in cov.layers)
+    print("tokens per expert", [l.tokens for l in cov.layers], "GPTQ min", cov.gptq_min_samples)
     # enough tokens for every expert: the router's own choice, every expert Linear quantized by GPTQ from data
     assert cov.routing == "native" and cov.unseen == 0 and not cov.short and not result.warnings
     rows = _expert_rows(result)
@@ -62,7 +62,7 @@ def test_every_expert_calibrated_by_its_router(tmp_path):
     assert cov.gptq_min_samples == min(r.samples for r in rows) and cov.rtn_modules == []
     d = json.loads(json.dumps(result.to_dict()))  # --json
     assert d["experts"]["routing"] == "native" and d["experts"]["unseen"] == 0
-    assert d["experts"]["layers"][0]["counts"] == cov.layers[0].counts
+    assert d["experts"]["layers"][0]["tokens"] == cov.layers[0].tokens
 
 
 def test_an_expert_without_tokens_is_never_quantized_from_nothing(tmp_path):
@@ -79,7 +79,7 @@ def test_an_expert_without_tokens_is_never_quantized_from_nothing(tmp_path):
 
     result = gptq(src, [4], tmp_path / "auto", opts)[0]  # auto: every token to every expert while quantizing
     cov = result.experts
-    assert cov.routing == "all" and cov.unseen == unseen and [l.counts for l in cov.layers] == ref
+    assert cov.routing == "all" and cov.unseen == unseen and [l.tokens for l in cov.layers] == ref
     assert any("every calibration token was routed to every expert" in n and "--samples" in n for n in result.notes)
     rows = _expert_rows(result)
     assert rows and all(r.method == "gptq" and r.samples == 32 for r in rows)  # each saw all 32 tokens

@@ -76,7 +76,7 @@ class LayerCoverage:
     none (``unseen``) and of those whose slots the ``fill`` policy filled (``filled``, a subset of ``unseen``)."""
 
     layer: int
-    tensor: str  # the expert stack whose counts these are
+    tensor: str  # the expert stack whose counts these are (for GPTQ calibration: the router module)
     tokens: list[int]
     unseen: list[int] = field(default_factory=list)
     filled: list[int] = field(default_factory=list)

@@ -37,6 +37,7 @@ from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, load_snippet
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
+from edgequant.quantize.expert_coverage import LayerCoverage
 from edgequant.quantize.gptq_options import MIN_EXPERT_SHARE, MOE_ROUTINGS, GPTQOptions  # GPTQOptions re-exported: the CLI and the pipeline import it from here
 from edgequant.text import Text, load_text
 
@@ -83,25 +84,13 @@ class LayerError:
 
 
 @dataclass
-class ExpertTokens:
-    """One MoE layer: the calibration tokens its router sends to each expert (the source model, its own top-k)."""
-
-    layer: int
-    counts: list[int]
-
-    def to_dict(self) -> dict:
-        return {"layer": self.layer, "counts": list(self.counts), "min": min(self.counts), "max": max(self.counts),
-                "unseen": sum(1 for c in self.counts if c == 0)}
-
-
-@dataclass
-class ExpertCoverage:
+class CalibrationCoverage:
     """Whether GPTQ calibrated every expert: the tokens each one gets from its router, and what GPTQ did about it."""
 
     routing: str  # how the quantizing forward routed: "native" (the router's top-k) or "all" (every token to every expert)
     tokens: int  # calibration tokens; every MoE layer sees each of them
     min_tokens: int  # the fewest routed tokens an expert needs under native routing (MIN_EXPERT_SHARE of ``tokens``)
-    layers: list[ExpertTokens] = field(default_factory=list)
+    layers: list[LayerCoverage] = field(default_factory=list)  # per MoE layer: each expert's routed tokens
     # from the backend's report: the fewest calibration tokens any expert Linear was quantized from, and the
     # expert Linears it had to quantize without calibration (round-to-nearest)
     gptq_min_samples: int | None = None
@@ -109,7 +98,7 @@ class ExpertCoverage:
 
     @property
     def counts(self) -> list[int]:
-        return [c for l in self.layers for c in l.counts]
+        return [c for l in self.layers for c in l.tokens]
 
     @property
     def min(self) -> int:
@@ -127,7 +116,7 @@ class ExpertCoverage:
     @property
     def short(self) -> list[tuple[int, int, int]]:
         """``(layer, expert, tokens)`` of every expert under :attr:`min_tokens`."""
-        return [(l.layer, e, c) for l in self.layers for e, c in enumerate(l.counts) if c < self.min_tokens]
+        return [(l.layer, e, c) for l in self.layers for e, c in enumerate(l.tokens) if c < self.min_tokens]
 
     def summary(self) -> str:
         """``min-max tokens, N unseen`` over every expert, as the table shows it."""
@@ -177,7 +166,7 @@ class GPTQResult:
     # the model_type to pass to defuser.replace_fused_blocks before transformers loads the folder
     # (per-expert MoE folders); None: plain from_pretrained loads it
     defuser_model_type: str | None = None
-    experts: ExpertCoverage | None = None  # MoE models: the calibration tokens per expert
+    experts: CalibrationCoverage | None = None  # MoE models: the calibration tokens per expert
     warnings: list[str] = field(default_factory=list)  # what the user must know about this folder (printed as warnings)
 
     @property
@@ -440,7 +429,7 @@ class _Run:
     n_layers: int
     n_params: int
     notes: list[str]
-    coverage: ExpertCoverage | None = None  # MoE: the tokens per expert, counted once for every bit width
+    coverage: CalibrationCoverage | None = None  # MoE: the tokens per expert, counted once for every bit width
 
 
 def gptq(source: str | Path, bits, output: str | Path | None = None, options: GPTQOptions | None = None) -> list[GPTQResult]:
@@ -603,14 +592,14 @@ def _result(run: _Run, spec: GPTQSpec, final: Path, layers: list[LayerError], se
 # --------------------------------------------------------------------------- #
 
 
-def expert_coverage(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[int]], opts: GPTQOptions) -> ExpertCoverage:
+def expert_coverage(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[int]], opts: GPTQOptions) -> CalibrationCoverage:
     """Count, on the source model in transformers, the calibration tokens each MoE layer's router sends to each
     expert (its own top-k), and choose the routing of the quantizing forward from ``opts.moe_routing``:
     ``native`` when every expert gets at least ``MIN_EXPERT_SHARE`` of the tokens, else ``all`` (``auto``), or an
     error (``native``)."""
     tokens = sum(len(w) for w in windows)
     layers = count_expert_tokens(ckpt, layout, windows, opts.device, opts.batch_size)
-    cov = ExpertCoverage(routing="native", tokens=tokens, min_tokens=max(1, math.ceil(MIN_EXPERT_SHARE * tokens)),
+    cov = CalibrationCoverage(routing="native", tokens=tokens, min_tokens=max(1, math.ceil(MIN_EXPERT_SHARE * tokens)),
                          layers=layers)
     short = cov.short
     if opts.moe_routing == "all" or (opts.moe_routing == "auto" and short):
@@ -624,7 +613,7 @@ def expert_coverage(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[in
     return cov
 
 
-def _routing_notes(cov: ExpertCoverage, requested: str) -> list[str]:
+def _routing_notes(cov: CalibrationCoverage, requested: str) -> list[str]:
     short = cov.short
     if cov.routing == "native":
         return []
@@ -635,12 +624,12 @@ def _routing_notes(cov: ExpertCoverage, requested: str) -> list[str]:
             f"quantizing; more --samples or a longer --seq-len lets each expert be calibrated on its own tokens"]
 
 
-def _fewer(cov: ExpertCoverage) -> str:
+def _fewer(cov: CalibrationCoverage) -> str:
     return "none" if cov.min_tokens == 1 else f"fewer than {cov.min_tokens}"
 
 
 def count_expert_tokens(ckpt: Checkpoint, layout: QuantLayout, windows: list[list[int]], device: str = "cpu",
-                        batch_size: int = 1) -> list[ExpertTokens]:
+                        batch_size: int = 1) -> list[LayerCoverage]:
     """Per MoE layer, the tokens of ``windows`` the router of the source model (transformers) sends to each
     expert: forward hooks on the routers the layout names (``ExpertLayout.router_paths``) read the chosen
     experts' indices (the router's integer output)."""
@@ -653,6 +642,7 @@ def count_expert_tokens(ckpt: Checkpoint, layout: QuantLayout, windows: list[lis
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype="auto", device_map={"": dev},
                                                      **load_kwargs(ckpt.path)).eval()
     counts: dict[int, torch.Tensor] = {}
+    routers: dict[int, str] = {}
     hooks = []
     for name, module in model.named_modules():
         site = layout.site(name)
@@ -662,6 +652,7 @@ def count_expert_tokens(ckpt: Checkpoint, layout: QuantLayout, windows: list[lis
         if weight is None or weight.dim() != 2:
             raise RuntimeError(f"internal error: the router {name} has no [experts, hidden] weight")
         counts[site.block] = torch.zeros(int(weight.shape[0]), dtype=torch.int64)
+        routers[site.block] = name
         hooks.append(module.register_forward_hook(_counter(counts[site.block], name)))
     if not counts:
         raise RuntimeError(f"internal error: no router ({' or '.join(layout.experts.router_paths)}) in {type(model).__name__}")
@@ -675,7 +666,8 @@ def count_expert_tokens(ckpt: Checkpoint, layout: QuantLayout, windows: list[lis
         for h in hooks:
             h.remove()
         del model
-    return [ExpertTokens(layer=b, counts=[int(c) for c in counts[b]]) for b in sorted(counts)]
+    return [LayerCoverage(layer=b, tensor=routers[b], tokens=[int(c) for c in counts[b]],
+                          unseen=[e for e, c in enumerate(counts[b]) if int(c) == 0]) for b in sorted(counts)]
 
 
 def _counter(acc: torch.Tensor, name: str):
@@ -689,7 +681,7 @@ def _counter(acc: torch.Tensor, name: str):
     return hook
 
 
-def _calibrated(run: _Run, layers: list[LayerError]) -> tuple[ExpertCoverage | None, list[str]]:
+def _calibrated(run: _Run, layers: list[LayerError]) -> tuple[CalibrationCoverage | None, list[str]]:
     """What the backend's report says about the calibration each module got: the coverage of this bit width
     (the fewest tokens an expert Linear was quantized from, the ones rounded to nearest), and the warnings.
     A module quantized by GPTQ from no token at all (an empty Hessian) is an error."""
@@ -707,7 +699,7 @@ def _calibrated(run: _Run, layers: list[LayerError]) -> tuple[ExpertCoverage | N
             f"pass more --samples or a longer --seq-len")
     if run.coverage is None:
         return None, warnings
-    cov = ExpertCoverage(**{k: getattr(run.coverage, k) for k in ("routing", "tokens", "min_tokens", "layers")})
+    cov = CalibrationCoverage(**{k: getattr(run.coverage, k) for k in ("routing", "tokens", "min_tokens", "layers")})
     prefix = run.layout.module_blocks
     experts = [r for r in layers if (site := run.layout.site(f"{prefix}.{r.layer}.{r.module}")) is not None
                and site.kind == "expert"]
