@@ -112,6 +112,11 @@ def test_expert_stacks_keys_and_f32_router(layout, moe_converted):
     assert meta["qwen3moe.attention.key_length"] == 64
     if layout == "fused":
         assert _header(moe_converted(layout, "f16"))[1]["blk.0.ffn_gate_inp.weight"].type == "F32"
+        # the source really is fused (a transformers release once saved per-expert names even when asked not to)
+        import json
+
+        index = json.loads(_safetensors_header(_src(layout) / "model.safetensors"))
+        assert "model.layers.0.mlp.experts.gate_up_proj" in index and "model.layers.0.mlp.experts.0.gate_proj.weight" not in index
 
 
 def test_dense_layers_are_refused_and_unnormalised_top_k_is_noted(tmp_path):
@@ -199,3 +204,10 @@ def test_gptq_refuses_a_fused_experts_source(tmp_path):
     with pytest.raises(EdgequantError, match="stores its experts fused .*save_pretrained"):
         gptq(fixtures_qwen_moe.tiny_qwen3_moe("fused"), [4], tmp_path / "out", GPTQOptions(samples=2, seq_len=16))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _safetensors_header(path) -> str:
+    import struct
+
+    with open(path, "rb") as fh:
+        return fh.read(struct.unpack("<Q", fh.read(8))[0]).decode()
