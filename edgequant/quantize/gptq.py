@@ -37,7 +37,7 @@ from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, load_snippet
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
-from edgequant.quantize.expert_coverage import LayerCoverage
+from edgequant.quantize.expert_coverage import ExpertCoverage, LayerCoverage
 from edgequant.quantize.gptq_options import MIN_EXPERT_SHARE, MOE_ROUTINGS, GPTQOptions  # GPTQOptions re-exported: the CLI and the pipeline import it from here
 from edgequant.text import Text, load_text
 
@@ -97,21 +97,26 @@ class CalibrationCoverage:
     rtn_modules: list[str] = field(default_factory=list)
 
     @property
+    def routed(self) -> ExpertCoverage:
+        """The router's counts as an imatrix-style coverage (its ``tokens``, ``min``, ``max``, ``unseen``)."""
+        return ExpertCoverage(layers=self.layers)
+
+    @property
     def counts(self) -> list[int]:
-        return [c for l in self.layers for c in l.tokens]
+        return self.routed.tokens
 
     @property
     def min(self) -> int:
-        return min(self.counts, default=0)
+        return self.routed.min
 
     @property
     def max(self) -> int:
-        return max(self.counts, default=0)
+        return self.routed.max
 
     @property
     def unseen(self) -> int:
         """Experts (over all layers) the router sends no calibration token to."""
-        return sum(1 for c in self.counts if c == 0)
+        return self.routed.unseen
 
     @property
     def short(self) -> list[tuple[int, int, int]]:
