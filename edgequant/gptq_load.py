@@ -15,6 +15,9 @@ Mixtral ``w1``/``w3``/``w2``).
 :func:`load_snippet` is how a user loads a folder with plain transformers (the model card shows it):
 for per-expert MoE folders it first calls ``defuser.replace_fused_blocks(model_type)`` (defuser comes with
 gptqmodel), which makes transformers build per-expert Linears too (:func:`defuser_model_type`).
+Folders whose per-expert Linears carry biases (GPTQModel's GPT-OSS), which neither defuser nor
+:class:`PerExpertLinears` builds, load through ``GPTQModel.load`` instead (:func:`gptq_loader`): their
+snippet, and :func:`load_gptq_model`, use it.
 :func:`quiet_gptqmodel` keeps GPTQModel's own bars and logs off stdout, for loading and quantizing.
 """
 
@@ -39,6 +42,7 @@ from edgequant.devices import resolve_device  # noqa: E402
 from edgequant.errors import EdgequantError  # noqa: E402
 
 _PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
+GPTQMODEL = "gptqmodel"  # gptq_loader's value for folders that load through GPTQModel.load
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")  # one expert's gate, up and down Linears in a GPTQ folder
 _QUIET_LOGGERS = ("gptqmodel", "optimum", "transformers", "defuser", "logbar", "tokenicer")
 
@@ -150,6 +154,24 @@ def _per_expert_checkpoint(folder: Path) -> bool:
     return False
 
 
+def _expert_biases(folder: Path) -> bool:
+    """Whether the folder's per-expert Linears carry biases (``.experts.E.<linear>.bias``)."""
+    from safetensors import safe_open
+
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if any(_PER_EXPERT_KEY.search(k) and k.endswith(".bias") for k in f.keys()):
+                return True
+    return False
+
+
+def gptq_loader(folder: str | Path) -> str | None:
+    """``"gptqmodel"`` when the folder loads only through ``GPTQModel.load`` (per-expert Linears with
+    biases: transformers and defuser build no such experts), else None (transformers' from_pretrained)."""
+    folder = Path(folder)
+    return GPTQMODEL if _per_expert_checkpoint(folder) and _expert_biases(folder) else None
+
+
 def defuser_model_type(folder: str | Path) -> str | None:
     """The ``model_type`` a user hands to ``defuser.replace_fused_blocks`` before loading the folder
     with plain transformers, or None when the folder needs no such step.
@@ -159,7 +181,7 @@ def defuser_model_type(folder: str | Path) -> str | None:
     gptqmodel) transformers would report those keys unexpected and initialise the experts at random.
     """
     folder = Path(folder)
-    if not _per_expert_checkpoint(folder):
+    if not _per_expert_checkpoint(folder) or gptq_loader(folder):
         return None
     try:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -170,10 +192,17 @@ def defuser_model_type(folder: str | Path) -> str | None:
     return model_type
 
 
-def load_snippet(path: str, defuser_type: str | None) -> str:
+def load_snippet(path: str, defuser_type: str | None, loader: str | None = None) -> str:
     """The Python lines that load the GPTQ folder at ``path`` with plain transformers (+ gptqmodel),
-    as the model card and the folder's README show them; ``defuser_type`` is
-    :func:`defuser_model_type` of the folder."""
+    or with ``GPTQModel.load`` when ``loader`` (:func:`gptq_loader` of the folder) says so, as the
+    model card and the folder's README show them; ``defuser_type`` is :func:`defuser_model_type` of the folder."""
+    if loader == GPTQMODEL:
+        return ("import torch\nfrom gptqmodel import GPTQModel\nfrom transformers import AutoTokenizer\n\n"
+                f"path = {json.dumps(path)}\n"
+                "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+                "# GPTQModel builds the per-expert Linears (with biases) the folder stores, which transformers cannot;\n"
+                "# float16: the dtype of the GPTQ scales, in which the kernels compute exactly what the folder holds\n"
+                "model = GPTQModel.load(path, dtype=torch.float16)\n")
     head = "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
     if defuser_type:
         head = ("import defuser  # installed with gptqmodel\n" + head
@@ -232,6 +261,8 @@ def load_gptq_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype 
     if not is_gptq_folder(folder):
         raise EdgequantError(f"{folder} is not a GPTQ folder (config.json has no GPTQ quantization_config); make one with edgequant gptq")
     dev = resolve_device(device)
+    if gptq_loader(folder) == GPTQMODEL:
+        return _load_with_gptqmodel(folder, dev, dtype)
     with quiet_gptqmodel():
         from transformers.utils import is_optimum_available
 
@@ -245,3 +276,13 @@ def load_gptq_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype 
         model, info = cls.from_pretrained(str(folder), device_map={"": dev}, output_loading_info=True, **kwargs)
     _check_loaded_cleanly(folder, info)
     return model.eval()
+
+
+def _load_with_gptqmodel(folder: Path, dev, dtype: torch.dtype | None):
+    """The folder through ``GPTQModel.load``: its transformers model (the wrapper's ``.model``)."""
+    with quiet_gptqmodel():
+        from gptqmodel import GPTQModel
+
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        wrapper = GPTQModel.load(str(folder), device=str(dev), **kwargs)
+    return wrapper.model.eval()

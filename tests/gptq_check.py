@@ -215,9 +215,7 @@ def _model_layout(model: torch.nn.Module) -> QuantLayout:
 
 def _param_view(params: dict, where: WeightSlice) -> torch.Tensor:
     """The part of a model parameter a quantized module's matrix is (a view: writes go to the model)."""
-    p = params[where.tensor]
-    p = p[where.expert] if where.expert is not None else p
-    return p[where.rows[0]:where.rows[1]] if where.rows else p
+    return where.view(params[where.tensor])
 
 
 def _find_param(params: dict, shapes: dict, layout: QuantLayout, name: str) -> torch.Tensor:

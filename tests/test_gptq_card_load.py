@@ -17,6 +17,7 @@ import torch
 from edgequant.quantize.gptq import GPTQOptions, gptq
 from edgequant.release.card import render_model_card
 from edgequant.text import builtin_text
+import fixtures_gpt_oss
 import fixtures_qwen_moe
 from gptq_check import dequantized_weights, replace_weights
 from test_release_card import smol_manifest
@@ -46,12 +47,12 @@ print("REPORT " + _json.dumps(_report))
 '''
 
 
-def _card_code(folder: Path, defuser_type: str | None) -> str:
+def _card_code(folder: Path, defuser_type: str | None, loader: str | None) -> str:
     """The card's GPTQ Python block, for a release holding this one GPTQ folder."""
     m = smol_manifest()
     m["artifacts"] = [a for a in m["artifacts"] if a["kind"] != "gptq"] + [
         {"path": folder.name, "kind": "gptq", "type": "GPTQ-4bit-32g", "bits": 4, "group_size": 32,
-         "files": ["config.json", "model.safetensors"], "defuser_model_type": defuser_type}]
+         "files": ["config.json", "model.safetensors"], "defuser_model_type": defuser_type, "gptq_loader": loader}]
     text = render_model_card(m)
     section = text.split("### transformers (GPTQ)", 1)[1]
     block = re.search(r"^(`{3,})python\n(.*?)\n\1$", section, re.S | re.M)
@@ -76,7 +77,7 @@ def _reference(src: Path, folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor
         top = logits.topk(k + 1, dim=-1).values
         margin = torch.minimum(margin, top[:, k - 1] - top[:, k])
 
-    hooks = [m.register_forward_hook(on_router) for n, m in model.named_modules() if n.endswith(".mlp.gate")]
+    hooks = [m.register_forward_hook(on_router) for n, m in model.named_modules() if n.endswith((".mlp.gate", ".mlp.router"))]
     with torch.no_grad():
         logits = model(ids).logits[0].float()
     for h in hooks:
@@ -85,19 +86,26 @@ def _reference(src: Path, folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor
 
 
 MOE = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}  # which -> the defuser model_type its folder needs
+GPTQMODEL_LOAD = {"gpt_oss"}  # folders whose card loads them with GPTQModel.load (per-expert Linears with biases)
 
 
-@pytest.mark.parametrize("which", ["mixtral", "qwen3_moe", "llama"])
+@pytest.mark.parametrize("which", ["mixtral", "qwen3_moe", "gpt_oss", "llama"])
 def test_card_code_block_loads_the_dequantized_checkpoint(which, tiny_mixtral_dir, tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    src = {"mixtral": tiny_mixtral_dir, "llama": tiny_llama_dir}.get(which) or fixtures_qwen_moe.tiny_qwen3_moe("per_expert")
+    if which == "gpt_oss":
+        src = fixtures_gpt_oss.tiny_gpt_oss()
+    else:
+        src = {"mixtral": tiny_mixtral_dir, "llama": tiny_llama_dir}.get(which) or fixtures_qwen_moe.tiny_qwen3_moe("per_expert")
     result = gptq(src, [4], tmp_path / "dist", FAST)[0]
     folder = Path(result.folder)
     assert result.defuser_model_type == MOE.get(which)
-    code = _card_code(folder, result.defuser_model_type)
+    assert result.gptq_loader == ("gptqmodel" if which in GPTQMODEL_LOAD else None)
+    code = _card_code(folder, result.defuser_model_type, result.gptq_loader)
     assert f'path = "{folder.name}"' in code
     assert ("defuser.replace_fused_blocks" in code) == (which in MOE)
+    assert ("model = GPTQModel.load(path, dtype=torch.float16)" in code) == (which in GPTQMODEL_LOAD)
+    assert (folder / "README.md").read_text().count(code.split("messages =")[0].strip()) == 1  # the README shows the same lines
 
     ids = AutoTokenizer.from_pretrained(str(src))(builtin_text()[60_000:62_000], return_tensors="pt").input_ids[:, :64]
     torch.save(ids, tmp_path / "ids.pt")
@@ -108,7 +116,10 @@ def test_card_code_block_loads_the_dequantized_checkpoint(which, tiny_mixtral_di
                           cwd=folder.parent, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
-    assert report == {"missing": [], "unexpected": [], "mismatched": [], "errors": []}, report
+    if which in GPTQMODEL_LOAD:  # GPTQModel.load does not go through transformers' load report: the logits tell
+        assert report in ({}, {"missing": [], "unexpected": [], "mismatched": [], "errors": []}), report
+    else:
+        assert report == {"missing": [], "unexpected": [], "mismatched": [], "errors": []}, report
 
     out = torch.load(tmp_path / "out.pt")
     assert out["dtype"] == "float16"  # the card's dtype

@@ -15,7 +15,7 @@ import torch
 import fixtures_gpt_oss
 import fixtures_qwen_moe
 from edgequant.errors import EdgequantError
-from edgequant.quantize.gptq import GPTQOptions, calibration_windows, gptq
+from edgequant.quantize.gptq import GPTQOptions, calibration_windows, count_expert_tokens, gptq, gptq_refusal
 
 
 def _reference_counts(src, windows) -> list[list[int]]:
@@ -86,16 +86,25 @@ def test_an_expert_without_tokens_is_never_quantized_from_nothing(tmp_path):
     assert cov.gptq_min_samples == 32 and cov.rtn_modules == [] and not result.warnings
 
 
-@pytest.mark.parametrize("which", ["qwen3_moe_fused", "gpt_oss"])
-def test_refused_in_one_line(which, tmp_path):
-    if which == "qwen3_moe_fused":
-        src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
-    else:
-        src = fixtures_gpt_oss.tiny_gpt_oss()
+def test_fused_qwen3_moe_refused_in_one_line(tmp_path):
+    src = fixtures_qwen_moe.tiny_qwen3_moe("fused")
     out = tmp_path / "out"
     with pytest.raises(EdgequantError) as e:
         gptq(src, [4], out, GPTQOptions(samples=2, seq_len=16))
     msg = str(e.value)
-    assert "\n" not in msg and "GGUF" in msg, msg
-    assert ("save_pretrained" in msg) if which == "qwen3_moe_fused" else ("GptOssForCausalLM" in msg)
+    assert "\n" not in msg and "GGUF" in msg and "save_pretrained" in msg, msg
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_gpt_oss_is_quantized_and_counted_by_its_router():
+    """GPT-OSS is no longer refused (its card-loaded logits: test_gptq_card_load); here its router's counts
+    (``mlp.router``) match transformers' own router logits."""
+    src = fixtures_gpt_oss.tiny_gpt_oss()
+    assert gptq_refusal(src) is None
+    from edgequant.checkpoint import open_checkpoint
+    from edgequant.export.archs.base import quant_layout
+
+    opts = GPTQOptions(samples=2, seq_len=32)
+    windows = _windows(src, opts)
+    layers = count_expert_tokens(open_checkpoint(src), quant_layout("GptOssForCausalLM"), windows)
+    assert [l.tokens for l in layers] == _reference_counts(src, windows)

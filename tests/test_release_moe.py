@@ -1,6 +1,5 @@
 """Releases of the MoE families beyond Mixtral: Qwen3-MoE (Q8_0, an imatrix Q4_K_M and GPTQ 4-bit) and GPT-OSS
-(the GGUF files: its recipe asks for GPTQ too, which the release skips with edgequant gptq's refusal, see
-docs/gptq.md). Each produces the card, the Modelfile
+(its GPTQ folder loads through GPTQModel.load, see docs/gptq.md). Each produces the card, the Modelfile
 of its chat format and the manifest, with a bench row for every model file."""
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ NO_SPEED = ("repetitions = 1", "repetitions = 1\nspeed = false")  # quality rows
 # HF class -> (fixture, Modelfile family, marker of the chat format in the card's prompt section, GPTQ made)
 RELEASES = {
     "Qwen3MoeForCausalLM": (lambda: fixtures_qwen_moe.tiny_qwen3_moe("per_expert"), "chatml-think", "<|im_start|>user", True),
-    "GptOssForCausalLM": (fixtures_gpt_oss.tiny_gpt_oss, "harmony", "<|start|>user", False),
+    "GptOssForCausalLM": (fixtures_gpt_oss.tiny_gpt_oss, "harmony", "<|start|>user", True),
 }
 
 
@@ -70,4 +69,8 @@ def test_release_of_moe_family(hf_class, tmp_path):
             assert f"PARAMETER stop {json.dumps(stop)}" in mf
     if with_gptq:  # the card loads the per-expert folder through defuser (its block run as written: test_gptq_card_load)
         gptq_art = next(a for a in models if a["kind"] == "gptq")
-        assert gptq_art["defuser_model_type"] == "qwen3_moe" and 'defuser.replace_fused_blocks("qwen3_moe")' in card
+        if hf_class == "GptOssForCausalLM":  # per-expert Linears with biases: GPTQModel.load builds them
+            assert gptq_art["gptq_loader"] == "gptqmodel" and "defuser_model_type" not in gptq_art
+            assert "model = GPTQModel.load(path, dtype=torch.float16)" in card and "defuser" not in card
+        else:
+            assert gptq_art["defuser_model_type"] == "qwen3_moe" and 'defuser.replace_fused_blocks("qwen3_moe")' in card

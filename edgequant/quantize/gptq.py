@@ -33,7 +33,7 @@ from edgequant.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from edgequant.devices import resolve_device
 from edgequant.errors import EdgequantError
 from edgequant.export.archs.base import QuantLayout, quant_layout
-from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, load_snippet, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
+from edgequant.gptq_load import EXPERT_LINEARS, defuser_model_type, gptq_loader, load_snippet, quiet_gptqmodel  # also sets GPTQMODEL_CPU_WORKERS before GPTQModel is imported
 from edgequant.naming import gptq_folder, gptq_label
 from edgequant.progress import progress_count
 from edgequant.quantize.gptq_fuse import fuse_split_linears, merge_fused_errors
@@ -171,6 +171,8 @@ class GPTQResult:
     # the model_type to pass to defuser.replace_fused_blocks before transformers loads the folder
     # (per-expert MoE folders); None: plain from_pretrained loads it
     defuser_model_type: str | None = None
+    # "gptqmodel": the folder loads through GPTQModel.load (per-expert Linears with biases); None: transformers
+    gptq_loader: str | None = None
     experts: CalibrationCoverage | None = None  # MoE models: the calibration tokens per expert
     warnings: list[str] = field(default_factory=list)  # what the user must know about this folder (printed as warnings)
 
@@ -389,7 +391,7 @@ def _n_params(ckpt: Checkpoint) -> int:
 
 
 def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: int, seq_len: int, backend: str,
-            defuser_type: str | None) -> str:
+            defuser_type: str | None, loader: str | None = None) -> str:
     """The folder's short README: format, calibration and how to load it."""
     g = "one group per row" if spec.group_size == -1 else f"group size {spec.group_size}"
     return (
@@ -399,8 +401,8 @@ def _readme(name: str, source: Path, spec: GPTQSpec, calibration: str, samples: 
         f"- format: GPTQ v1 (`quantization_config.format: gptq`), packed int32 `qweight`/`qzeros`, `scales`, `g_idx`\n"
         f"- calibration: {samples} x {seq_len} tokens of {calibration} (seed {spec.seed}), damp {spec.damp_percent}, "
         f"true_sequential={spec.true_sequential}\n\n"
-        "Load it with transformers (needs `optimum` and `gptqmodel`), from the folder above this one:\n\n"
-        f"```python\n{load_snippet(name, defuser_type)}```\n\n"
+        f"Load it with {'GPTQModel' if loader else 'transformers (needs `optimum` and `gptqmodel`)'}, from the folder above this one:\n\n"
+        f"```python\n{load_snippet(name, defuser_type, loader)}```\n\n"
         "or with vLLM (`--quantization gptq`) or `edgequant.gptq_load.load_gptq_model`.\n"
     )
 
@@ -534,12 +536,12 @@ def _quantize_bits(run: _Run, bits: int, final: Path) -> GPTQResult:
         layers = merge_fused_errors(layers, fuse_split_linears(part, run.ckpt, run.layout, bits))
         coverage, warnings = _calibrated(run, layers)
         _check_layers_exist(part, run.ckpt, run.layout, bits)
-        defuse = defuser_model_type(part)
+        defuse, loader = defuser_model_type(part), gptq_loader(part)
         readme = _readme(final.name, run.ckpt.path, spec, run.corpus.name, len(run.windows), opts.seq_len, run.backend.name,
-                         defuse)
+                         defuse, loader)
         _finish_folder(part, run.ckpt, readme)
     result = _result(run, spec, final, layers, time.perf_counter() - t0)
-    result.defuser_model_type = defuse
+    result.defuser_model_type, result.gptq_loader = defuse, loader
     result.experts, result.warnings = coverage, warnings
     return result
 

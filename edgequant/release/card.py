@@ -461,10 +461,11 @@ def _gptq_usage(m: Manifest, g: ModelArtifact) -> list[str]:
     """Loading a GPTQ folder with transformers (MoE folders: through defuser, see ``gptq_load.load_snippet``)."""
     path, repo = str(g.path), m.recipe.card.repo_id
     return ["### transformers (GPTQ)", "",
-            "The GPTQ folders load with transformers through GPTQModel (`pip install gptqmodel optimum`; fast kernels need a CUDA GPU)"
+            ("The GPTQ folders load with GPTQModel (`pip install gptqmodel`; fast kernels need a CUDA GPU)" if getattr(g, "gptq_loader", None) else
+             "The GPTQ folders load with transformers through GPTQModel (`pip install gptqmodel optimum`; fast kernels need a CUDA GPU)")
             + (f"; download one with `hf download {repo} --include \"{path}/*\" --local-dir .`" if repo else "") + ":", "",
             _fence(
-                load_snippet(path, getattr(g, "defuser_model_type", None)) +
+                load_snippet(path, getattr(g, "defuser_model_type", None), getattr(g, "gptq_loader", None)) +
                 f"messages = {json.dumps(SAMPLE_MESSAGES, ensure_ascii=False)}\n"
                 "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
                 "return_dict=True).to(model.device)\n"

@@ -190,6 +190,7 @@ class GPTQArtifact(ModelArtifact):
     group_size: int | None = None
     notes: list[str] = field(default_factory=list)
     defuser_model_type: str | None = None  # per-expert MoE folders: defuser.replace_fused_blocks(this) before loading
+    gptq_loader: str | None = None  # "gptqmodel": the folder loads through GPTQModel.load (gptq_load.gptq_loader)
 
     def to_dict(self) -> dict:
         d = {**self._common(), "type": self.type, "bits": self.bits, "group_size": self.group_size,
@@ -197,6 +198,8 @@ class GPTQArtifact(ModelArtifact):
              "metrics": _metrics_dict(self.metrics)}
         if self.defuser_model_type:
             d["defuser_model_type"] = self.defuser_model_type
+        if self.gptq_loader:
+            d["gptq_loader"] = self.gptq_loader
         return d
 
 
@@ -247,7 +250,7 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
                                 fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"),
                                 architecture=d.get("architecture"), notes=list(d.get("notes") or []))
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []),
-                            defuser_model_type=d.get("defuser_model_type"))
+                            defuser_model_type=d.get("defuser_model_type"), gptq_loader=d.get("gptq_loader"))
     if kind == "imatrix":
         return ImatrixArtifact(**common, text=d.get("text"), ctx=d.get("ctx"), chunks=d.get("chunks"), engine=d.get("engine"),
                                coverage=ExpertCoverage.from_dict(d.get("coverage")))

@@ -298,6 +298,7 @@ def _make_gptq(run: _Run, v: GPTQVariant, target: Path) -> tuple[list[Path], dic
                       "bits_per_weight": res.bits_per_weight, "samples": res.samples, "seq_len": res.seq_len,
                       "calibration": res.calibration, "max_loss": res.max_loss, "notes": res.notes,
                       "desc_act": res.desc_act, "sym": res.sym, "defuser_model_type": res.defuser_model_type,
+                      "gptq_loader": res.gptq_loader,
                       "experts": res.experts.to_dict() if res.experts else None, "warnings": list(res.warnings)}
 
 
@@ -454,8 +455,16 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
                                  bits_per_weight=res["bits_per_weight"], options=v.to_dict(), notes=res.get("notes", []),
                                  defuser_model_type=_defuser_type(run, v, res),
+                                 gptq_loader=res["gptq_loader"] if "gptq_loader" in res else _loader(run, v),
                                  metrics=Metrics.from_bench_row(rows.get(v.artifact))))
     return arts
+
+
+def _loader(run: _Run, v: GPTQVariant) -> str | None:
+    """How the folder loads (``gptq_load.gptq_loader``), for stage records made before the GPTQ stage kept it."""
+    from edgequant.gptq_load import gptq_loader
+
+    return gptq_loader(run.out / gptq_folder(run.r.name, v.artifact))
 
 
 def _defuser_type(run: _Run, v: GPTQVariant, res: dict) -> str | None:

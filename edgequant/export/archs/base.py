@@ -222,6 +222,11 @@ class ExpertLayout:
     # the router, a module of the container (transformers' name): its forward returns the chosen experts'
     # indices (an integer tensor [tokens, top_k]) among its outputs; GPTQ counts the calibration tokens per expert
     router: str = "gate"
+    # True where the stacks are input-major (GPT-OSS: ``gate_up_proj [E, hidden, 2 ff]``, ``down_proj
+    # [E, ff, hidden]``) rather than transformers 5's usual ``[E, out, in]``. GPTQModel (defuser) splits GPT-OSS's
+    # gate_up_proj into its first and second half of columns as ``gate_proj``/``up_proj`` (though the model reads
+    # gate and up interleaved) and its runtime computes the source's function from them: halves, as elsewhere
+    input_major: bool = False
 
     def role(self, linear: str) -> str | None:
         """``gate``, ``up`` or ``down`` for one expert's Linear name, else None."""
@@ -260,12 +265,22 @@ class WeightSlice:
 
     tensor: str
     expert: int | None = None
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None  # output channels [start, end)
+    input_major: bool = False  # the stack stores [in, out] per expert
 
     def shape(self, shapes: dict) -> tuple[int, int]:
         """The ``(out, in)`` of the matrix, from the tensor's shape in ``shapes``."""
         shape = tuple(int(d) for d in shapes[self.tensor])[1 if self.expert is not None else 0:]
+        if self.input_major:
+            shape = (shape[1], shape[0])
         return (self.rows[1] - self.rows[0], shape[1]) if self.rows else (shape[0], shape[1])
+
+    def view(self, tensor):
+        """The ``[out, in]`` matrix as a view of ``tensor`` (the whole parameter ``self.tensor``)."""
+        t = tensor[self.expert] if self.expert is not None else tensor
+        if self.input_major:
+            t = t.transpose(0, 1)
+        return t[self.rows[0]:self.rows[1]] if self.rows else t
 
 
 @dataclass(frozen=True)
@@ -321,7 +336,7 @@ class QuantLayout:
             if site is None:
                 continue
             if site.kind == "stack" and len(shape) == 3:
-                out[name] = int(shape[2])
+                out[name] = int(shape[1] if self.experts.input_major else shape[2])
             elif name.endswith(".weight") and len(shape) == 2 and site.kind != "stack" and not re.search(self.kept, site.path):
                 out[name] = int(shape[1])
         return out
@@ -347,9 +362,9 @@ class QuantLayout:
                         return WeightSlice(f"{base}.{site.expert}.{name}.weight")
                 stack = f"{base}.{ex.down_stack if site.role == 'down' else ex.gate_up_stack}"
                 if stack in shapes:
-                    ff = int(shapes[stack][1]) // 2
+                    ff = int(shapes[stack][2 if ex.input_major else 1]) // 2
                     rows = {"down": None, "gate": (0, ff), "up": (ff, 2 * ff)}[site.role]
-                    return WeightSlice(stack, site.expert, rows)
+                    return WeightSlice(stack, site.expert, rows, ex.input_major)
         return None
 
     def gguf_name(self, arch: Architecture, module: str) -> str | None:

@@ -31,7 +31,7 @@ import gguf
 
 from edgequant.errors import EdgequantError
 from edgequant.export.archs import register
-from edgequant.export.archs.base import QuantLayout
+from edgequant.export.archs.base import ExpertLayout, QuantLayout
 from edgequant.export.archs.llama import Llama
 from edgequant.export.plan import Part, PlannedTensor
 
@@ -49,11 +49,9 @@ class GptOss(Llama):
     gguf_arch = gguf.MODEL_ARCH.GPT_OSS
     permute_qk = False
     # GPTQModel 7.6.0 quantizes the experts as per-expert Linears with biases (defuser splits the interleaved
-    # gate_up_proj into halves), which transformers' from_pretrained cannot build: defuser 0.0.28 has no GPT-OSS
-    # block to patch in, so the folder would load with random experts (GPTQModel.load reads it; docs/gptq.md)
-    quant_layout = QuantLayout(gptq_refused=(
-        "edgequant gptq does not quantize GptOssForCausalLM: GPTQModel stores its experts per expert, which "
-        "transformers cannot load (defuser has no GPT-OSS block); use the GGUF files"))
+    # gate_up_proj into halves), which transformers' from_pretrained cannot build (defuser 0.0.28 has no GPT-OSS
+    # block): gptq_load.gptq_loader sends such folders to GPTQModel.load, which builds them (docs/gptq.md)
+    quant_layout = QuantLayout(experts=ExpertLayout(router="router", input_major=True))
     block_needs = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_POST_NORM, T.ATTN_SINKS,
                    T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
 
