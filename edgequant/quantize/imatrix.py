@@ -187,7 +187,8 @@ def _hooks(model, col: _Collector, arch, n_expert: int) -> list:
         site = layout.site(name)
         if site is None:
             continue
-        if site.kind == "experts" and hasattr(module, "gate_up_proj"):
+        # input-major stacks (GPT-OSS's) are not hooked: the check below then refuses the torch engine for them
+        if site.kind == "experts" and hasattr(module, "gate_up_proj") and not layout.experts.input_major:
             hook = col.experts_hook(layout.expert_gguf_names(arch, site.block))
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         elif not isinstance(module, torch.nn.Linear) or (site.kind == "expert" and not n_expert):
