@@ -143,26 +143,25 @@ def defuse_experts(model: torch.nn.Module) -> int:
     return count
 
 
-def _per_expert_checkpoint(folder: Path) -> bool:
-    """Whether the folder's weights store quantized experts one by one (``.experts.E.*.qweight``)."""
+def _per_expert_keys(folder: Path, suffix: str) -> bool:
+    """Whether any per-expert key (``.experts.E.*``) of the folder's weights ends with ``suffix``."""
     from safetensors import safe_open
 
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
-            if any(_PER_EXPERT_KEY.search(k) and k.endswith(".qweight") for k in f.keys()):
+            if any(_PER_EXPERT_KEY.search(k) and k.endswith(suffix) for k in f.keys()):
                 return True
     return False
+
+
+def _per_expert_checkpoint(folder: Path) -> bool:
+    """Whether the folder's weights store quantized experts one by one (``.experts.E.*.qweight``)."""
+    return _per_expert_keys(folder, ".qweight")
 
 
 def _expert_biases(folder: Path) -> bool:
     """Whether the folder's per-expert Linears carry biases (``.experts.E.<linear>.bias``)."""
-    from safetensors import safe_open
-
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            if any(_PER_EXPERT_KEY.search(k) and k.endswith(".bias") for k in f.keys()):
-                return True
-    return False
+    return _per_expert_keys(folder, ".bias")
 
 
 def gptq_loader(folder: str | Path) -> str | None:
