@@ -91,6 +91,19 @@ def ggml_type(name: str) -> int:
         raise EdgequantError(f"unknown tensor type {name!r}; valid: {valid}") from None
 
 
+def read_tensor_type_file(path: str | Path) -> list[str]:
+    """A ``--tensor-type-file`` as llama-quantize reads it: ``PATTERN=TYPE`` entries separated by
+    whitespace (one per line in the files edgequant writes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdgequantError(f"--tensor-type-file {p}: no such file; pass the .tensor-types.txt written by quantize --target-*")
+    entries = p.read_text(encoding="utf-8", errors="replace").split()
+    if not entries:
+        raise EdgequantError(f"--tensor-type-file {p} is empty; it should hold PATTERN=TYPE entries such as attn_v=q8_0")
+    parse_tensor_types(entries)  # one clear line for a malformed entry
+    return entries
+
+
 def output_name(src: Path, type_name: str) -> str:
     """``Model-7B-F16.gguf`` -> ``Model-7B-Q4_K_M.gguf`` (the converter's naming)."""
     shard = parse_shard_name(src.name)
@@ -252,18 +265,21 @@ class _NativeOptions:
         self.imatrix_path = str(opts.imatrix) if imatrix is not None else None
         self.imatrix = self.kv = self.tt = None
         self._keep: list = []
+        provenance: dict[str, str | int] = {}
         if imatrix is not None:
             arr, hold = _imatrix_array(imatrix)
             self.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-            provenance: dict[str, str | int] = {"quantize.imatrix.file": Path(opts.imatrix).name}  # llama-quantize's keys
+            provenance["quantize.imatrix.file"] = Path(opts.imatrix).name  # llama-quantize's keys
             if imatrix.datasets:
                 provenance["quantize.imatrix.dataset"] = imatrix.datasets[0]
             provenance["quantize.imatrix.entries_count"] = len(imatrix.entries)
             if imatrix.chunk_count:
                 provenance["quantize.imatrix.chunks_count"] = imatrix.chunk_count
+            self._keep += [arr, hold]
+        if provenance:
             kv = _kv_array(provenance)
             self.kv = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-            self._keep += [arr, hold, kv]
+            self._keep.append(kv)
         if opts.tensor_types:
             arr, hold = _tt_array(opts.tensor_types)
             self.tt = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
@@ -310,10 +326,44 @@ def _params(t: qtypes.QuantType, native: _NativeOptions, opts: QuantizeOptions):
         params.token_embedding_type = ggml_type(opts.token_embedding_type)
     if native.imatrix is not None:
         params.imatrix = native.imatrix
+    if native.kv is not None:
         params.kv_overrides = native.kv
     if native.tt is not None:
         params.tt_overrides = native.tt
     return params
+
+
+_DRY_TYPE = re.compile(r"\((\w+)\)\s*$")
+_DRY_SIZE = re.compile(r"size =\s*([\d.]+) MiB(?:\s*->\s*([\d.]+) MiB)?")
+
+
+def dry_run(source: str | Path, type_name: str, options: QuantizeOptions | None = None) -> dict[str, str]:
+    """What llama.cpp's quantizer would give each tensor for ``type_name`` (``--dry-run``: nothing is
+    written): tensor name -> ggml type name, for every tensor of the file. A tensor llama.cpp leaves
+    as it is keeps its own type."""
+    opts = options or QuantizeOptions()
+    src = shard_paths(Path(source))[0]
+    info = inspect_gguf(src)
+    t = qtypes.get(type_name)
+    native = _NativeOptions(None, dataclasses.replace(opts, imatrix=None))
+    params = _params(t, native, opts)
+    params.dry_run = True
+    own = {x.name: x.type.lower() for x in info.tensors}
+    chosen: dict[str, str] = {}
+    current: list[str | None] = [None]
+
+    def on_line(line: str) -> None:
+        if (m := _PROGRESS.match(line)):
+            current[0] = m.group(3)
+        if current[0] and (m := _DRY_SIZE.search(line)):
+            tm = _DRY_TYPE.search(line) if m.group(2) else None
+            chosen[current[0]] = tm.group(1).lower() if tm else own.get(current[0], "?")
+            current[0] = None
+
+    with _captured_llama_log(on_line):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
+    _check_rc(rc, t, [])
+    return {name: chosen.get(name, own[name]) for name in own}
 
 
 class _LogWatcher:
