@@ -3,8 +3,8 @@ ships: the bytes a row gets in a type are exactly the bytes ``llama_model_quanti
 it (same function, same importance weights), so the error measured on them is the file's error.
 
 ``roundtrip(rows, type, imatrix)`` quantizes float32 rows and reads them back; ``row_bytes`` is
-``ggml_row_size``. ggml's quantizers are single-threaded and ctypes releases the GIL while they run,
-so a thread pool uses every core.
+``ggml_row_size``. ggml's quantizers are single-threaded; ctypes releases the GIL while they run, so
+callers may spread tensors over threads.
 """
 
 from __future__ import annotations

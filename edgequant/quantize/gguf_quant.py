@@ -265,21 +265,18 @@ class _NativeOptions:
         self.imatrix_path = str(opts.imatrix) if imatrix is not None else None
         self.imatrix = self.kv = self.tt = None
         self._keep: list = []
-        provenance: dict[str, str | int] = {}
         if imatrix is not None:
             arr, hold = _imatrix_array(imatrix)
             self.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-            provenance["quantize.imatrix.file"] = Path(opts.imatrix).name  # llama-quantize's keys
+            provenance: dict[str, str | int] = {"quantize.imatrix.file": Path(opts.imatrix).name}  # llama-quantize's keys
             if imatrix.datasets:
                 provenance["quantize.imatrix.dataset"] = imatrix.datasets[0]
             provenance["quantize.imatrix.entries_count"] = len(imatrix.entries)
             if imatrix.chunk_count:
                 provenance["quantize.imatrix.chunks_count"] = imatrix.chunk_count
-            self._keep += [arr, hold]
-        if provenance:
             kv = _kv_array(provenance)
             self.kv = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-            self._keep.append(kv)
+            self._keep += [arr, hold, kv]
         if opts.tensor_types:
             arr, hold = _tt_array(opts.tensor_types)
             self.tt = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
@@ -326,7 +323,6 @@ def _params(t: qtypes.QuantType, native: _NativeOptions, opts: QuantizeOptions):
         params.token_embedding_type = ggml_type(opts.token_embedding_type)
     if native.imatrix is not None:
         params.imatrix = native.imatrix
-    if native.kv is not None:
         params.kv_overrides = native.kv
     if native.tt is not None:
         params.tt_overrides = native.tt
