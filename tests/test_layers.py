@@ -1,11 +1,12 @@
 """The package's layers point one way (docs/architecture.md): every import, module-level or inside a
 function, goes to the same layer or to one it may use, and no two packages import each other.
 
-    base <- export <- quantize <- release <- top
-    base <- bench  <- release
+    base <- export <- quantize <- mix <- release <- top
+    base <- bench  <- mix
 
 bench stands beside export and quantize: it loads GGUF files and HF/GPTQ folders through the base
-layer only, and neither export nor quantize imports it."""
+layer only, and neither export nor quantize imports it. mix (quantize --target-*) is where the two
+meet: it quantizes candidate files and measures them."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ USES = {
     "export": {"base"},
     "quantize": {"base", "export"},
     "bench": {"base"},
-    "release": {"base", "export", "quantize", "bench"},
-    "top": {"base", "export", "quantize", "bench", "release"},
+    "mix": {"base", "export", "quantize", "bench"},
+    "release": {"base", "export", "quantize", "bench", "mix"},
+    "top": {"base", "export", "quantize", "bench", "mix", "release"},
 }
 LAYERS = list(USES)
 TOP = {"cli", "demo", "__main__"}

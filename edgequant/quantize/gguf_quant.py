@@ -81,6 +81,7 @@ class QuantizeOptions:
     keep_split: bool = False
     threads: int = 0
     force: bool = False
+    check_load: bool = True  # load the written file in llama.cpp (scratch files about to be loaded anyway skip it)
 
 
 def ggml_type(name: str) -> int:
@@ -293,12 +294,13 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _Na
     with progress_count(f"{t.name}", len(info.tensors)) as bar:
         watch = _LogWatcher(t.name, bar)
         if opts.keep_split:
-            files = _write_shards(src, final, len(info.files), params, t, watch)
+            files = _write_shards(src, final, len(info.files), params, t, watch, opts.tensor_types)
         else:
-            files = _write_file(src, final, params, t, watch)
-    from edgequant.llamacpp import verify_written
+            files = _write_file(src, final, params, t, watch, opts.tensor_types)
+    if opts.check_load:
+        from edgequant.llamacpp import verify_written
 
-    verify_written(files)
+        verify_written(files)
     out_info = inspect_gguf(files[0])
     return QuantizeResult(
         type=t.name, files=[str(f) for f in files], size_bytes=out_info.size_bytes,
@@ -388,15 +390,35 @@ def _run_quantizer(src: Path, dst: Path, params, t: qtypes.QuantType, watch: _Lo
     _check_rc(rc, t, watch.errors)
 
 
-def _write_file(src: Path, final: Path, params, t: qtypes.QuantType, watch: _LogWatcher) -> list[Path]:
+KEY_TENSOR_TYPES = "quantize.tensor_types"  # the --tensor-type overrides a file was made with (provenance)
+
+
+def _record_overrides(part: Path, tensor_types: list[str]) -> None:
+    """Add the ``--tensor-type`` list to a written file's metadata (llama.cpp's kv overrides hold only
+    short scalars, so the header is rewritten; the tensor data is copied as is)."""
+    if not tensor_types:
+        return
+    from edgequant.gguf_layout import with_metadata
+
+    tmp = part.with_name(part.name + ".meta")
+    try:
+        with_metadata(part, tmp, {KEY_TENSOR_TYPES: list(tensor_types)})
+        os.replace(tmp, part)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_file(src: Path, final: Path, params, t: qtypes.QuantType, watch: _LogWatcher,
+                tensor_types: list[str]) -> list[Path]:
     """One output file, written as ``.part`` and renamed."""
     with atomic_outputs([final]) as (part,):
         _run_quantizer(src, part, params, t, watch)
+        _record_overrides(part, tensor_types)
     return [final]
 
 
 def _write_shards(src: Path, final: Path, n_shards: int, params, t: qtypes.QuantType,
-                  watch: _LogWatcher) -> list[Path]:
+                  watch: _LogWatcher, tensor_types: list[str]) -> list[Path]:
     """``--keep-split``: llama.cpp names the shards itself, so it writes them into a staging folder (a
     ``.part`` name of this write's own); they become the ``.part`` files of ``atomic_outputs`` and are
     renamed together when every shard is there."""
@@ -411,6 +433,7 @@ def _write_shards(src: Path, final: Path, n_shards: int, params, t: qtypes.Quant
                 raise RuntimeError(f"internal error: llama.cpp wrote {len(produced)} shards, expected {len(finals)}")
             for shard, part in zip(produced, parts):
                 os.replace(shard, part)
+            _record_overrides(parts[0], tensor_types)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return finals

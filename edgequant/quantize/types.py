@@ -93,3 +93,26 @@ def get(name: str) -> QuantType:
     except KeyError:
         raise EdgequantError(f"unknown quant type {name!r}; valid: {', '.join(t.name for t in CATALOGUE)} (edgequant quantize --list)") from None
 
+
+
+# -- per-tensor candidates for quantize --target (edgequant/mix) -------------------------------------
+# The base types of the catalogue a mix may give one tensor: every standard type stock llama.cpp,
+# Ollama and LM Studio load, except the ternary ones (only for ternary-trained models) and IQ1_S/IQ1_M
+# (so lossy that the additive error model behind the choice no longer holds). i-quants only with an
+# importance matrix; the float type is the source's own (F32 sources: F16).
+_MIX_EXCLUDED = {Q.F32, Q.TQ1_0, Q.TQ2_0, Q.IQ1_S, Q.IQ1_M}
+
+
+def mix_candidates(with_imatrix: bool) -> list[Q]:
+    """Quantized base types a tensor may take in a mix, highest bits/weight first."""
+    seen: dict[Q, QuantType] = {}
+    for t in CATALOGUE:
+        if t.family == "float" or t.base in _MIX_EXCLUDED or (t.family == "i-quant" and not with_imatrix):
+            continue
+        seen.setdefault(t.base, t)
+    return sorted(seen, key=lambda q: -nominal_bpw(q))
+
+
+def nominal_bpw(q: Q) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    return 8 * size / block
