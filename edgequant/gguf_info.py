@@ -17,6 +17,7 @@ import gguf
 from edgequant.errors import EdgequantError
 
 KEY_SLIDING_WINDOW = "edgequant.sliding_window"  # convert's record: "exact" or "ignored"
+KEY_TENSOR_TYPES = "quantize.tensor_types"  # the --tensor-type overrides a file was quantized with (a mix)
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 

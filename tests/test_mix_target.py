@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgequant.cli import app
-from edgequant.gguf_info import inspect_gguf
+from edgequant.gguf_info import KEY_TENSOR_TYPES, inspect_gguf
 from edgequant.mix.target import TargetOptions, parse_target, quantize_target
-from edgequant.quantize.gguf_quant import KEY_TENSOR_TYPES, QuantizeOptions, quantize, read_tensor_type_file
+from edgequant.quantize.gguf_quant import QuantizeOptions, quantize, read_tensor_type_file
 
 KQUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 FAST = dict(ctx=128, calibration_chunks=4)
@@ -75,6 +75,10 @@ def test_target_size_keeps_the_budget_and_the_recipe_reproduces_the_file(kq, tmp
     assert r2.exit_code == 0, r2.output
     assert again.read_bytes() == mix.read_bytes()
     assert _generate(mix)
+    # the bench labels it a mix, not the standard type whose llama_ftype it carries
+    from edgequant.bench.run import describe_model
+
+    assert describe_model(mix, "gguf").type == f"{res['file_type']} mix"
 
 
 def test_target_kld_holds_on_the_measured_kld(kq, tmp_path):

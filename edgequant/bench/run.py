@@ -32,6 +32,7 @@ from edgequant.bench.quality import CompressedReference, QualityAccumulator
 from edgequant.bench.speed import SpeedResult, measure_speed
 from edgequant.text import Text, chunk_ids, load_text
 from edgequant.errors import EdgequantError
+from edgequant.gguf_info import KEY_TENSOR_TYPES
 from edgequant.naming import gptq_label_from_config
 from edgequant.progress import progress_count
 
@@ -89,7 +90,10 @@ def describe_model(path: str | Path, kind: str) -> ModelRow:
     p = Path(path)
     if kind == "gguf":
         info = gguf_header(p)
-        return ModelRow(str(p), p.name, kind, info.file_type, info.size_bytes, info.bits_per_weight, info.n_params)
+        label = info.file_type
+        if KEY_TENSOR_TYPES in info.metadata:  # per-tensor overrides (quantize --target-*, --tensor-type)
+            label = f"{label} mix" if label else "mix"
+        return ModelRow(str(p), p.name, kind, label, info.size_bytes, info.bits_per_weight, info.n_params)
     from edgequant.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(p)

@@ -88,25 +88,30 @@ def within_bytes(choices: list[Choice], budget: int) -> Solution | None:
     return Solution(picks)
 
 
-def _spend(choices: list[Choice], picks: dict[str, Option], budget: int) -> None:
-    """Greedy: while bytes are left, make the move with the best cost saved per byte added that fits."""
+def _greedy(choices: list[Choice], picks: dict[str, Option], left: float, move) -> None:
+    """While some single-tensor change is allowed, make the one with the best ratio. ``move(cur, new, left)``
+    gives (ratio, what it uses of ``left``) for an allowed change, None otherwise."""
     by_name = {c.tensor: c for c in choices}
-    left = budget - sum(o.bytes for o in picks.values())
     while True:
-        best, best_ratio = None, 0.0
+        best, best_ratio, best_used = None, 0.0, 0.0
         for name, cur in picks.items():
             for o in by_name[name].options:
-                extra, gain = o.bytes - cur.bytes, cur.cost - o.cost
-                if gain <= 0 or extra > left:
-                    continue
-                ratio = gain / max(extra, 1)
-                if ratio > best_ratio:
-                    best, best_ratio = (name, o), ratio
+                m = move(cur, o, left)
+                if m is not None and m[0] > best_ratio:
+                    best, (best_ratio, best_used) = (name, o), m
         if best is None:
             return
-        name, o = best
-        left -= o.bytes - picks[name].bytes
-        picks[name] = o
+        left -= best_used
+        picks[best[0]] = best[1]
+
+
+def _spend(choices: list[Choice], picks: dict[str, Option], budget: int) -> None:
+    """Spend the bytes left: the most cost saved per byte added, among the changes that fit."""
+    def move(cur: Option, o: Option, left: float):
+        extra, gain = o.bytes - cur.bytes, cur.cost - o.cost
+        return (gain / max(extra, 1), extra) if gain > 0 and extra <= left else None
+
+    _greedy(choices, picks, budget - sum(o.bytes for o in picks.values()), move)
 
 
 def within_cost(choices: list[Choice], bound: float) -> Solution | None:
@@ -137,21 +142,9 @@ def within_cost(choices: list[Choice], bound: float) -> Solution | None:
 
 
 def _save(choices: list[Choice], picks: dict[str, Option], bound: float) -> None:
-    """Greedy: while cost is left under the bound, make the move with the most bytes saved per cost added."""
-    by_name = {c.tensor: c for c in choices}
-    left = bound - sum(o.cost for o in picks.values())
-    while True:
-        best, best_ratio = None, 0.0
-        for name, cur in picks.items():
-            for o in by_name[name].options:
-                saved, added = cur.bytes - o.bytes, o.cost - cur.cost
-                if saved <= 0 or added > left:
-                    continue
-                ratio = saved / max(added, 1e-30)
-                if ratio > best_ratio:
-                    best, best_ratio = (name, o), ratio
-        if best is None:
-            return
-        name, o = best
-        left -= o.cost - picks[name].cost
-        picks[name] = o
+    """Use the cost left under the bound: the most bytes saved per cost added, among the changes that fit."""
+    def move(cur: Option, o: Option, left: float):
+        saved, added = cur.bytes - o.bytes, o.cost - cur.cost
+        return (saved / max(added, 1e-30), added) if saved > 0 and added <= left else None
+
+    _greedy(choices, picks, bound - sum(o.cost for o in picks.values()), move)

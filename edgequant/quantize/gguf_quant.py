@@ -29,7 +29,7 @@ import llama_cpp
 
 from edgequant.atomic import atomic_outputs, check_free_space, check_output_folder, check_writable, part_path
 from edgequant.errors import EdgequantError
-from edgequant.gguf_info import inspect_gguf, parse_shard_name, shard_name, shard_paths
+from edgequant.gguf_info import KEY_TENSOR_TYPES, inspect_gguf, parse_shard_name, shard_name, shard_paths
 from edgequant.progress import progress_count
 from edgequant.quantize import types as qtypes
 from edgequant.quantize.imatrix_file import Imatrix, check_matches_model, read_imatrix
@@ -390,7 +390,6 @@ def _run_quantizer(src: Path, dst: Path, params, t: qtypes.QuantType, watch: _Lo
     _check_rc(rc, t, watch.errors)
 
 
-KEY_TENSOR_TYPES = "quantize.tensor_types"  # the --tensor-type overrides a file was made with (provenance)
 
 
 def _record_overrides(part: Path, tensor_types: list[str]) -> None:
