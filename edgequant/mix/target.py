@@ -37,7 +37,7 @@ import gguf
 
 from edgequant.atomic import check_output_folder, check_writable, remove_stale_temp_dirs, temp_dir, write_text
 from edgequant.errors import EdgequantError
-from edgequant.gguf_info import inspect_gguf, parse_shard_name, shard_paths
+from edgequant.gguf_info import inspect_gguf
 from edgequant.gguf_layout import read_layout
 from edgequant.mix import solve
 from edgequant.mix.cost import TensorCosts, measure_all, role_of, sized
@@ -239,6 +239,7 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
         imatrix = read_imatrix(Path(opts.imatrix))
         check_matches_model(imatrix, {t.name: t.shape for t in info.tensors}, path=Path(opts.imatrix))
     layout = read_layout(src)
+    text = load_text(opts.calibration)  # a bad text path is one line before any work
 
     # 1. candidates
     t0 = time.perf_counter()
@@ -268,7 +269,6 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
     sess.timed("errors", t0)
 
     # 3. calibration
-    text = load_text(opts.calibration)
     t0 = time.perf_counter()
     from edgequant.mix.probe import KldProbe
 
@@ -276,7 +276,7 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
         probe = KldProbe(src, text, ctx=opts.ctx, chunks=opts.calibration_chunks, threads=opts.threads or None)
         bar.advance(1)
     excluded: dict[str, str] = {t.upper(): "left out by the caller (--exclude-type)" for t in opts.exclude_types}
-    probe_bpw = _probe_bpw(target, budget, costs, fixed_bytes)
+    probe_bpw = _probe_bpw(budget, costs)
     sens, roles_cal = _calibrate(sess, probe, costs, probe_bpw, excluded)
     sess.timed("calibration", t0)
 
@@ -361,7 +361,7 @@ def _budget(target: Target, info, fixed_bytes: int, header_bytes: int, costs: di
     return budget
 
 
-def _probe_bpw(target: Target, budget: int | None, costs: dict[str, TensorCosts], fixed: int) -> float:
+def _probe_bpw(budget: int | None, costs: dict[str, TensorCosts]) -> float:
     """The bits/weight the probes quantize at: about where the target will put the tensors."""
     if budget is None:
         return 4.5
@@ -428,7 +428,7 @@ def _choices(costs: dict[str, TensorCosts], sens: dict[str, float], excluded: di
 
 def _choose_write_verify(sess: _Session, costs, sens, budget, excluded, probe, alignment, final: Path):
     """Solve, write, measure; for a KLD target, tighten by the measured/predicted ratio until it holds."""
-    target, opts = sess.target, sess.opts
+    target = sess.target
     scale, met = 1.0, True
     for attempt in range(4):
         t0 = time.perf_counter()
