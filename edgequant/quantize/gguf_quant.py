@@ -288,7 +288,8 @@ def _quantize_one(src: Path, info, t: qtypes.QuantType, final: Path, native: _Na
                   opts: QuantizeOptions) -> QuantizeResult:
     """One type: llama.cpp's quantizer into ``.part`` names (or a staging folder for kept shards),
     renamed when it succeeded, then llama.cpp's own load check."""
-    check_free_space(final.parent, int(info.n_params * max(t.bpw, 4.0) / 8) + 64 * 1024 * 1024)
+    need = int(info.n_params * max(t.bpw, 4.0) / 8) + 64 * 1024 * 1024
+    check_free_space(final.parent, need * (2 if opts.tensor_types else 1))  # overrides: the header rewrite copies it
     params = _params(t, native, opts)
     t0 = time.perf_counter()
     with progress_count(f"{t.name}", len(info.tensors)) as bar:
@@ -399,7 +400,7 @@ def _record_overrides(part: Path, tensor_types: list[str]) -> None:
         return
     from edgequant.gguf_layout import with_metadata
 
-    tmp = part.with_name(part.name + ".meta")
+    tmp = part_path(part)  # a .part name: swept like the others if this process is killed
     try:
         with_metadata(part, tmp, {KEY_TENSOR_TYPES: list(tensor_types)})
         os.replace(tmp, part)
