@@ -183,6 +183,7 @@ class _Session:
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
         self.standards: dict[str, tuple[dict, Path]] = {}  # standard type -> (its record, its file in tmp)
+        self.standard_sizes: dict[str, int] = {}  # standard type -> file size llama.cpp would write (dry runs)
 
     def timed(self, phase: str, t0: float) -> None:
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - t0, 2)
@@ -496,9 +497,11 @@ def _standard_sizes(sess: _Session) -> dict[str, int]:
     """The file size llama.cpp's standard types would give (from dry runs: nothing is written)."""
     from edgequant.quantize.ggml_rows import row_bytes
 
+    if sess.standard_sizes:
+        return sess.standard_sizes
     shapes = {t.name: t.shape for t in sess.info.tensors}
     header = read_layout(sess.src).data_start
-    sizes = {}
+    sizes = sess.standard_sizes
     for name in _STANDARD:
         t = qtypes.get(name)
         if t.needs_imatrix and sess.opts.imatrix is None:
