@@ -330,7 +330,7 @@ def _candidates(row_length: int, own: Q, name: str, imatrix) -> list[Q]:
     for q in qtypes.mix_candidates(with_imatrix=imatrix is not None):
         if row_length % gguf.GGML_QUANT_SIZES[q][0]:
             continue
-        if requires_imatrix(int(q)) and not has_entry:
+        if (q in qtypes.NEEDS_IMATRIX_DATA or requires_imatrix(int(q))) and not has_entry:
             continue
         out.append(q)
     return out

@@ -101,6 +101,9 @@ def get(name: str) -> QuantType:
 # (so lossy that the additive error model behind the choice no longer holds). i-quants only with an
 # importance matrix; the float type is the source's own (F32 sources: F16).
 _MIX_EXCLUDED = {Q.F32, Q.TQ1_0, Q.TQ2_0, Q.IQ1_S, Q.IQ1_M}
+# tensor types llama.cpp's quantizer refuses for a tensor without importance data (its
+# tensor_requires_imatrix; ggml itself asserts on IQ2_XXS/IQ2_XS/IQ1_S even where llama.cpp lets it through)
+NEEDS_IMATRIX_DATA = frozenset({Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S})
 
 
 def mix_candidates(with_imatrix: bool) -> list[Q]:
