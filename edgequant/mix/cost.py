@@ -120,8 +120,8 @@ def measure(layout: Layout, name: str, candidates: list[Q], imatrix: Imatrix | N
     weights = entry.values() if entry is not None else None  # [n_mat, k]
     proxy = row_proxy(rows, loc.type, weights, n_per_expert)
     top, spread = _sample(proxy, k, elements)
-    out = TensorCosts(name, role_of(name), list(loc.shape), loc.type, rows.shape[0], len(top) + len(spread),
-                      {q: row_bytes(q, k) * rows.shape[0] for q in candidates})
+    out = sized(layout, name, candidates)
+    out.sampled_rows = len(top) + len(spread)
     rest_proxy = float(proxy.sum() - proxy[top].sum())
     spread_proxy = float(proxy[spread].sum()) if len(spread) else 0.0
     parts = [(top, 1.0), (spread, rest_proxy / spread_proxy if spread_proxy > 0 else 0.0)]

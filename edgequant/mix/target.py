@@ -117,15 +117,6 @@ class RoleCalibration:
 
 
 @dataclass
-class TypeSpeed:
-    file: str
-    type: str
-    size_bytes: int
-    pp_tps: float | None
-    tg_tps: float | None
-
-
-@dataclass
 class TargetResult:
     target: Target
     file: str
@@ -289,7 +280,7 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
         if opts.max_slowdown is None:
             break
         t0 = time.perf_counter()
-        standard, speed, slow = _speed_check(sess, written, probe, picks, costs)
+        standard, speed, slow = _speed_check(sess, written, probe, picks)
         sess.timed("speed", t0)
         if not slow or attempt == 2:
             if slow:
@@ -342,7 +333,7 @@ def _budget(target: Target, info, fixed_bytes: int, header_bytes: int, costs: di
     if target.kind == "kld":
         return None
     smallest = sum(min(_aligned(b, alignment) for b in c.bytes.values()) for c in costs.values())
-    largest = sum(_aligned(c.bytes[c.source_type if c.source_type in c.bytes else Q.F16], alignment) for c in costs.values())
+    largest = sum(_aligned(c.bytes[_top(c)], alignment) for c in costs.values())
     if target.kind == "size":
         budget = int(target.value) - fixed_bytes - header_bytes
         floor, ceiling = smallest + fixed_bytes + header_bytes, largest + fixed_bytes + header_bytes
@@ -554,7 +545,7 @@ def _slowdown(mine, theirs) -> tuple[float, float, float, float]:
             noise(mine.tg_tps, mine.tg_std, theirs.tg_tps, theirs.tg_std))
 
 
-def _speed_check(sess: _Session, written: Path, probe, picks: dict[str, str], costs: dict[str, TensorCosts]):
+def _speed_check(sess: _Session, written: Path, probe, picks: dict[str, str]):
     """pp/tg of the mix and of the standard type nearest its size, on the same machine in the same run.
     When the mix is clearly slower than ``max_slowdown`` (beyond the measurements' noise), the types to
     leave out, with why: each type the standard file does not use is put back to the standard file's
