@@ -475,10 +475,11 @@ def test_docs_example_loads(tmp_path):
 def test_defaults_come_from_the_library_options():
     """GPTQ and bench defaults are the library's (GPTQOptions, BenchOptions), named in each key's metadata."""
     from edgequant.bench.run import BenchOptions
+    from edgequant.mix.target import TargetOptions
     from edgequant.quantize.gptq_options import GPTQOptions
     from edgequant.release.recipe.schema import SECTIONS, key_fields, spec
 
-    options = {"BenchOptions": BenchOptions(), "GPTQOptions": GPTQOptions()}
+    options = {"BenchOptions": BenchOptions(), "GPTQOptions": GPTQOptions(), "TargetOptions": TargetOptions()}
     mirrored = {}
     for section, cls in SECTIONS.items():
         for f in key_fields(cls):
@@ -535,3 +536,47 @@ def test_docs_list_every_key_with_its_default():
             default = f.default
             if isinstance(default, (int, float, str)) and not isinstance(default, bool):
                 assert f"`{json.dumps(default)}`" in rows[f.name], (section, f.name, default)
+
+
+def test_target_entries(folder):
+    """{target_size = ...} entries: one target, no type options, named after the target, round-trip as written."""
+    p = write(folder, """
+        [release]
+        source = "model"
+        gguf = ["Q8_0", {target_size = "4.2G", imatrix = true}, {target_bpw = 4.5, speed_check = false, exclude_types = ["Q4_1"]},
+                {target_kld = 0.01, name = "best", calibration_chunks = 8}, {target_size = 800000000}]
+        """)
+    r = load_recipe(p)
+    assert r.artifact_names == ["Q8_0", "4.2G-mix", "4.5bpw-mix", "best", "800000000-mix"] and r.has_mix
+    mix = r.gguf[1]
+    assert mix.type is None and mix.imatrix and mix.target.kind == "size" and mix.target.value == 4.2e9 and r.needs_imatrix
+    assert r.gguf[2].exclude_types == ("q4_1",) and not r.gguf[2].speed_check and r.gguf[3].calibration_chunks == 8
+    assert r.gguf[0].to_dict() == {"type": "Q8_0", "imatrix": False, "name": None, "output_tensor_type": None,
+                                   "token_embedding_type": None, "tensor_types": [], "pure": False,
+                                   "leave_output_tensor": False}  # a type entry's keys (and stage key) as before
+    assert "{target_size = \"4.2G\", imatrix = true}" in r.to_toml() or "{imatrix = true, target_size = \"4.2G\"}" in r.to_toml()
+    assert recipe_from_dict(r.to_dict(), base_dir=r.base_dir) == r
+    assert load_recipe(write(folder, r.to_toml(), "again.toml")).gguf == r.gguf
+
+    bad = write(folder, """
+        [release]
+        source = "model"
+        split_max_size = "1G"
+        gguf = [{target_size = "big"}, {type = "Q4_K_M", target_bpw = 4.5}, {target_kld = 0.01, target_bpw = 3, pure = true},
+                {target_bpw = -1}, {type = "Q4_K_M", max_slowdown = 3}, {target_bpw = 4, max_slowdown = -1},
+                {target_bpw = 4, exclude_types = ["q9_k"]}, {imatrix = true}, {target_bpw = 5}]
+        """, "bad.toml")
+    msgs = errors(bad)
+    expected = ["target_size = \"big\" in [release] gguf entry 1: not a number",
+                "gguf entry 2 has both type and target_bpw: a target entry chooses per-tensor types itself",
+                "gguf entry 3 has target_bpw and target_kld: give one target per entry",
+                "pure in [release] gguf entry 3 applies to type entries",
+                "target_bpw = -1.0 in [release] gguf entry 4: use a positive value",
+                "max_slowdown in [release] gguf entry 5 applies to target entries",
+                "max_slowdown = -1 in [release] gguf entry 6: use a percent >= 0",
+                "exclude_types = \"q9_k\" in [release] gguf entry 7: not a ggml tensor type",
+                "gguf entry 8 has no type: add type = \"Q4_K_M\" (or another catalogue type), or a target",
+                "split_max_size with a target entry"]
+    for want in expected:
+        assert any(want in m for m in msgs), (want, msgs)
+    assert all(m.startswith(f"{bad}:") for m in msgs), msgs  # each at its line

@@ -125,6 +125,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _is_mix(row) -> bool:
+    """A file whose per-tensor types were overridden (bench labels it ``<type> mix``)."""
+    return str(row.type).endswith("mix")
+
+
 def plot(report: BenchReport, path: str | Path) -> Path:
     """PNG: file size against PPL and against mean KLD, Pareto front drawn and labelled."""
     import matplotlib
@@ -146,12 +151,14 @@ def plot(report: BenchReport, path: str | Path) -> Path:
         front = pareto_front([(x, y) for x, y, _ in pts])
         for i, (x, y, r) in enumerate(pts):
             on = i in front
-            ax.scatter([x], [y], s=70 if on else 40, marker="*" if r.is_reference else "o",
+            ax.scatter([x], [y], s=70 if on else 40, marker="*" if r.is_reference else "D" if _is_mix(r) else "o",
                        color="tab:red" if on else "tab:blue", zorder=3)
             ax.annotate(str(r.type), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
         fx = [pts[i][0] for i in front]
         fy = [pts[i][1] for i in front]
         ax.step(fx, fy, where="post", color="tab:red", alpha=0.6, label="Pareto front")
+        if any(_is_mix(r) for _, _, r in pts):
+            ax.scatter([], [], marker="D", color="tab:gray", label="per-tensor mix (quantize --target)")
         ax.set_xlabel("file size (GB)")
         ax.set_ylabel(label)
         if key == "kld_mean" and all(p[1] > 0 for p in pts):

@@ -159,7 +159,7 @@ def mix_name(src: Path, target: Target) -> str:
     return output_name(src, f"{target.label}-mix")
 
 
-def _entries(picks: dict[str, str]) -> list[str]:
+def tensor_type_lines(picks: dict[str, str]) -> list[str]:
     """One anchored override per tensor, in file order: ``^blk\\.0\\.attn_q\\.weight$=q4_k``."""
     return [f"^{re.escape(name)}$={t.lower()}" for name, t in picks.items()]
 
@@ -249,7 +249,7 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
     # sizes: tensors llama.cpp leaves alone, and the header (the source's, plus the keys a mix adds);
     # an impossible target is refused here, before any measuring
     fixed_bytes = sum(_aligned(t.n_bytes, layout.alignment) for t in info.tensors if t.name not in candidates)
-    header_bytes = layout.data_start + 1024 + sum(len(e) + 8 for e in _entries({n: "iq3_xxs" for n in candidates}))
+    header_bytes = layout.data_start + 1024 + sum(len(e) + 8 for e in tensor_type_lines({n: "iq3_xxs" for n in candidates}))
     sizes = {n: sized(layout, n, qs) for n, qs in candidates.items()}
     budget = _budget(target, info, fixed_bytes, header_bytes, sizes, layout.alignment)
 
@@ -291,7 +291,7 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
     if standard is None:
         standard = _standard_nearest(sess, written.stat().st_size)
     os.replace(written, final)
-    write_text(sidecar, "\n".join(_entries(picks)) + "\n")
+    write_text(sidecar, "\n".join(tensor_type_lines(picks)) + "\n")
     written = final
     out_info = inspect_gguf(written)
     role_types: dict[str, dict[str, int]] = {}
@@ -393,7 +393,7 @@ def _calibrate(sess: _Session, probe, costs: dict[str, TensorCosts], bpw: float,
                 bar.advance(1)
                 continue
             picks = {c.name: (q.name if c.role == role else _top(c).name) for c in costs.values()}
-            path = sess.quantize_to(f"probe-{role}.gguf", base, _entries(picks))
+            path = sess.quantize_to(f"probe-{role}.gguf", base, tensor_type_lines(picks))
             kld = probe.kld(path)["kld_mean"]
             path.unlink()
             err = sum(c.error[q] for c in members)
@@ -481,7 +481,7 @@ def _ftype_for(sess: _Session, picks: dict[str, str], costs) -> str:
 
 def _write(sess: _Session, picks: dict[str, str], ftype: str, final: Path) -> Path:
     """A candidate file in the scratch folder; the last one is moved to its final name."""
-    return sess.quantize_to(final.name, ftype, _entries(picks))
+    return sess.quantize_to(final.name, ftype, tensor_type_lines(picks))
 
 
 def _standard_sizes(sess: _Session) -> dict[str, int]:
@@ -571,7 +571,7 @@ def _speed_check(sess: _Session, written: Path, probe, picks: dict[str, str]):
     with progress_count("speed: which types slow the mix", len(suspects)) as bar:
         for t in suspects:
             variant = {n: (std["tensor_types"][n].upper() if p == t else p) for n, p in picks.items()}
-            path = sess.quantize_to(f"speed-{t}.gguf", std["type"], _entries(variant))
+            path = sess.quantize_to(f"speed-{t}.gguf", std["type"], tensor_type_lines(variant))
             r = measure_speed(path, threads=sess.opts.threads or None, reps=sess.opts.speed_reps)
             path.unlink()
             g_pp, g_tg, n_pp, n_tg = _slowdown(mine, r)  # how much slower the mix is than the variant

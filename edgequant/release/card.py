@@ -219,6 +219,7 @@ def render_model_card(manifest: Manifest | Mapping[str, Any]) -> str:
     out += _prompt_section(m)
     out += _files_section(m, rec)
     out += _types_section([a for a in m.models if a.kind == "gguf"])
+    out += _mix_section(m)
     out += _notes_section(m)
     out += _usage_section(m, rec, gptq_rows)
     out += _how_section(m)
@@ -307,6 +308,8 @@ def _file_row(m: Manifest, a: ModelArtifact, rec: ModelArtifact | None, devices:
         notes.append(f"{len(a.files)} parts")
     if _fallbacks(a):
         notes.append(f"{_fallbacks(a)} fallbacks")
+    if isinstance(a, GGUFArtifact) and a.mix:
+        notes.append("per-tensor mix" + ("" if a.mix.get("met", True) else ", target not met"))
     if not mt.measured and not is_reference(m, a) and _num(mt.ppl) is None:
         notes.append("not measured")
     bpw = _num(a.bits_per_weight)
@@ -333,6 +336,54 @@ def _types_section(gguf_rows: list[ModelArtifact]) -> list[str]:
             continue
         lines.append(f"- **{a.type}** ({qt.family}, {qt.bpw:g} bits/weight nominal): {qt.advice}.")
     return (["### About the GGUF types", "", *lines, ""] if lines else [])
+
+
+_TARGET_WORDS = {"size": "the lowest KL divergence in a file of at most {text}", "bpw": "the lowest KL divergence "
+                 "within {text} bits per weight", "kld": "the smallest file whose mean KL divergence stays within {text}"}
+
+
+def _mix_section(m: Manifest) -> list[str]:
+    """What each per-tensor mix (a recipe's target entry) is, how it was chosen and how to make it again."""
+    mixes = [a for a in m.models if isinstance(a, GGUFArtifact) and a.mix]
+    if not mixes:
+        return []
+    lines = ["### About the per-tensor mixes", "",
+             "These files are not one of llama.cpp's fixed types: edgequant measured how much each tensor's error in "
+             "each type costs in KL divergence and chose a type per tensor. llama.cpp's own quantizer wrote them with "
+             "per-tensor overrides, so every llama.cpp-based runtime loads them.", ""]
+    for a in mixes:
+        x = a.mix
+        target = x.get("target") or {}
+        words = _TARGET_WORDS.get(target.get("kind"), "{text}").format(text=target.get("text", "?"))
+        cal = x.get("calibration") or {}
+        line = (f"- **{a.type}** (`{_file_of(a)}`): {words}. Predicted mean KLD {fmt_sig(x.get('predicted_kld'))}, "
+                f"measured {fmt_sig(x.get('calibration_kld'))} on the {cal.get('tokens', '?')} calibration tokens "
+                f"({cal.get('chunks', '?')}×{cal.get('ctx', '?')} of `{cal.get('text', '?')}`)")
+        std = x.get("standard") or {}
+        if std.get("kld"):
+            line += (f", where llama.cpp's {std['type']} ({fmt_size(std.get('size_bytes'))}) measured "
+                     f"{fmt_sig(std['kld'].get('kld_mean'))}")
+        line += "."
+        if not x.get("met", True):
+            line += " **The target was not met.**"
+        sp = x.get("speed") or {}
+        if sp.get("mix") and sp.get("standard"):
+            line += (f" Speed on the machine that chose it: pp {fmt_tps(sp['mix'].get('pp_tps'))} / tg "
+                     f"{fmt_tps(sp['mix'].get('tg_tps'))} t/s against {std.get('type', 'the standard type')}'s "
+                     f"{fmt_tps(sp['standard'].get('pp_tps'))} / {fmt_tps(sp['standard'].get('tg_tps'))}.")
+        if x.get("excluded_types"):
+            line += f" Left out: {', '.join(sorted(x['excluded_types']))}."
+        counts = x.get("type_counts") or {}
+        if counts:
+            shown = ", ".join(f"{t} ×{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            line += f" Tensors: {shown}."
+        lines.append(line)
+        tt = x.get("tensor_types_file")
+        if tt:
+            lines.append(f"  The per-tensor types are in `{tt}` (and in the file's metadata, `quantize.tensor_types`): "
+                         f"`edgequant quantize` or `llama-quantize` with `--tensor-type-file {tt}` and type "
+                         f"{x.get('file_type', '?')} on the 16-bit file makes the same file.")
+    return lines + [""]
 
 
 def _notes_section(m: Manifest) -> list[str]:

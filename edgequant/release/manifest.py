@@ -123,7 +123,7 @@ class Artifact:
     """A published file or folder: its path in the release, its files and their SHA-256."""
 
     path: str
-    kind: str  # gguf, gptq, imatrix, bench, plot, card, modelfile
+    kind: str  # gguf, gptq, imatrix, tensor_types, bench, plot, card, modelfile
     files: list[str] = field(default_factory=list)
     sha256: str | None = None  # the file's; for several files, over their sorted ``path  sha256`` lines
     size_bytes: int | None = None
@@ -165,6 +165,9 @@ class GGUFArtifact(ModelArtifact):
     sliding_window: str | None = None  # "exact" or "ignored" (convert --sliding-window); None: no window
     architecture: str | None = None  # llama.cpp's general.architecture, as the converter wrote it
     notes: list[str] = field(default_factory=list)  # the converter's notes on the file it was quantized from
+    # a target entry's per-tensor mix (quant_type "mix"): target, predicted and calibration KLD, the standard type
+    # it was compared with, speed, left-out types, types per role, its .tensor-types.txt, the reproduce command
+    mix: dict | None = None
 
     def to_dict(self) -> dict:
         d = {**self._common(), "type": self.type}
@@ -172,6 +175,8 @@ class GGUFArtifact(ModelArtifact):
             d["quant_type"] = self.quant_type
         d = {**d, "bits_per_weight": self.bits_per_weight, "imatrix": self.imatrix, "fallbacks": self.fallbacks,
              "options": self.options, "metrics": _metrics_dict(self.metrics)}
+        if self.mix is not None:
+            d["mix"] = self.mix
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
         if self.architecture is not None:
@@ -248,7 +253,7 @@ def artifact_from_dict(d: Mapping[str, Any]) -> Artifact:
         if kind == "gguf":
             return GGUFArtifact(**model, quant_type=d.get("quant_type"), imatrix=bool(d.get("imatrix")),
                                 fallbacks=fallback_list(d.get("fallbacks")), sliding_window=d.get("sliding_window"),
-                                architecture=d.get("architecture"), notes=list(d.get("notes") or []))
+                                architecture=d.get("architecture"), notes=list(d.get("notes") or []), mix=d.get("mix"))
         return GPTQArtifact(**model, bits=d.get("bits"), group_size=d.get("group_size"), notes=list(d.get("notes") or []),
                             defuser_model_type=d.get("defuser_model_type"), gptq_loader=d.get("gptq_loader"))
     if kind == "imatrix":

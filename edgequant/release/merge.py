@@ -27,7 +27,7 @@ from edgequant.release.outputs import BenchMeta, ReleaseResult, guard_output, wr
 from edgequant.release.public import public_command, public_path
 from edgequant.release.state import sha256_file
 
-_KIND_ORDER = {"gguf": 0, "imatrix": 1, "gptq": 2}  # the merged manifest's artifacts: by kind, largest first
+_KIND_ORDER = {"gguf": 0, "tensor_types": 1, "imatrix": 2, "gptq": 3}  # the merged manifest's artifacts: by kind, largest first
 
 
 @dataclass

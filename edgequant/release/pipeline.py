@@ -27,13 +27,13 @@ from rich.markup import escape
 from edgequant.env import tool_versions
 from edgequant.errors import GateFailed
 from edgequant.naming import gptq_folder
-from edgequant.release.manifest import (BenchInfo, ChatTemplate, GGUFArtifact, GPTQArtifact, Host, ImatrixArtifact, Manifest,
-                                        Metrics, RecipeRecord, Source, StageTime, fallback_list)
+from edgequant.release.manifest import (Artifact, BenchInfo, ChatTemplate, GGUFArtifact, GPTQArtifact, Host,
+                                        ImatrixArtifact, Manifest, Metrics, RecipeRecord, Source, StageTime, fallback_list)
 from edgequant.release.merge import release_merge
 from edgequant.release.outputs import BenchMeta, ReleaseResult, evaluate_gates, guard_output, write_outputs
 from edgequant.release.public import public_command, public_path, public_recipe
 from edgequant.release.recipe import GGUFVariant, GPTQVariant, Recipe
-from edgequant.release.state import STATE_DIR, Stages, combined_sha256, stage_key
+from edgequant.release.state import STATE_DIR, Stages, combined_sha256, sha256_file, stage_key
 
 __all__ = ["ReleaseResult", "public_command", "release", "release_merge"]
 
@@ -84,7 +84,7 @@ class _Run:
         (self.out / "manifest.json").unlink(missing_ok=True)  # written last: never describes a half-made release
         with refused(self.ckpt.path):
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.ckpt.path), **load_kwargs(self.ckpt.path))
-        self.cal_text = load_text(r.text_source("calibration")) if r.gptq else None
+        self.cal_text = load_text(r.text_source("calibration")) if r.gptq or r.has_mix else None
         self.im_text = load_text(r.text_source("imatrix")) if r.needs_imatrix else None
         self.bench_text = load_text(r.text_source("bench"))
 
@@ -132,7 +132,18 @@ class _Run:
                          r.imatrix.unseen_experts)
 
     def gguf_key(self, v: GGUFVariant, im_key: str | None) -> str:
-        return stage_key("gguf", v.to_dict(), self.base_key, im_key if v.imatrix else None, self.versions.llama_cpp_python)
+        # a target entry's choice also depends on the calibration text it probes with and on edgequant's chooser
+        mix = (self.cal_sha256(), self.r.bench.ctx, self.r.bench.threads, self.versions.edgequant) if v.target else ()
+        return stage_key("gguf", v.to_dict(), self.base_key, im_key if v.imatrix else None, self.versions.llama_cpp_python,
+                         *mix)
+
+    def cal_sha256(self) -> str:
+        """The calibration text's sha256 (read on first use: only GPTQ and target entries need it)."""
+        if self.cal_text is None:
+            from edgequant.text import load_text
+
+            self.cal_text = load_text(self.r.text_source("calibration"))
+        return self.cal_text.sha256
 
     def gptq_key(self, v: GPTQVariant, cal_sha256: str) -> str:
         return stage_key("gptq", v.to_dict(), self.fingerprint, cal_sha256, self.r.name, self.gptq_device,
@@ -237,7 +248,8 @@ def _gguf_stage(run: _Run, v: GGUFVariant) -> None:
     """One GGUF type, quantized from the base file, then through the template gate."""
     key = run.gguf_key(v, run.im_key)
     run.gguf_keys[v.artifact] = key
-    rec = run.stage(v.artifact, "quantize", key, lambda: _quantize(run, v))
+    make = (lambda: _mix(run, v)) if v.target is not None else (lambda: _quantize(run, v))
+    rec = run.stage(v.artifact, "quantize", key, make)
     run.check_template(run.out / rec["paths"][0])
 
 
@@ -255,6 +267,31 @@ def _quantize(run: _Run, v: GGUFVariant) -> tuple[list[Path], dict]:
     return files, {"type": v.type, "files": [f.name for f in files], "fallbacks": [str(x) for x in res.fallbacks],
                    "type_counts": res.type_counts, "size_bytes": res.size_bytes,
                    "bits_per_weight": res.bits_per_weight, "imatrix": v.imatrix}
+
+
+def _mix(run: _Run, v: GGUFVariant) -> tuple[list[Path], dict]:
+    """A target entry: ``edgequant quantize --target-*`` on the base into ``Name-<target>-mix.gguf``, its
+    per-tensor list beside it (``.tensor-types.txt``, published with it). Probes run on the calibration text
+    at the bench's ctx and threads."""
+    from edgequant.mix.target import TargetOptions, quantize_target, tensor_type_lines
+
+    r, out = run.r, run.out
+    opts = TargetOptions(imatrix=out / "imatrix.gguf" if v.imatrix else None, calibration=r.text_source("calibration"),
+                         ctx=r.bench.ctx, calibration_chunks=v.calibration_chunks,
+                         max_slowdown=v.max_slowdown if v.speed_check else None, threads=r.bench.threads or 0,
+                         exclude_types=v.exclude_types, force=True)
+    res = quantize_target(run.base_files[0], v.target, out / f"{r.name}-{v.artifact}.gguf", opts)
+    path = Path(res.file)
+    summary = {"target": res.target.to_dict(), "file_type": res.file_type, "budget_bytes": res.budget_bytes,
+               "predicted_kld": res.predicted_kld, "calibration_kld": res.measured.get("kld_mean"), "met": res.met,
+               "calibration": {k: res.calibration[k] for k in ("text", "chunks", "ctx", "tokens")},
+               "standard": res.standard, "speed": res.speed, "excluded_types": res.excluded_types,
+               "type_counts": res.type_counts, "roles": res.roles,
+               "tensor_types_file": Path(res.tensor_types_file).name, "seconds": res.seconds,
+               "reproduce": res.reproduce, "notes": res.notes}
+    return [path], {"type": v.artifact, "files": [path.name], "fallbacks": [], "type_counts": res.type_counts,
+                    "size_bytes": res.size_bytes, "bits_per_weight": res.bits_per_weight, "imatrix": v.imatrix,
+                    "mix": summary, "tensor_types": tensor_type_lines(res.tensor_types)}
 
 
 def _without_refused_gptq(run: _Run) -> Recipe:
@@ -446,10 +483,12 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
                                     engine=res.get("engine", "torch"), coverage=_imatrix_coverage(run, recs["imatrix"])))
     for v in r.gguf:
         res = recs[v.artifact]["result"]
-        arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type,
+        arts.append(GGUFArtifact(**_files(run, v.artifact), type=v.artifact, quant_type=v.type or "mix",
                                  bits_per_weight=res["bits_per_weight"], imatrix=v.imatrix,
                                  fallbacks=fallback_list(res["fallbacks"]), options=v.to_dict(),
-                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), **conv))
+                                 metrics=Metrics.from_bench_row(rows.get(v.artifact)), mix=res.get("mix"), **conv))
+        if res.get("mix"):
+            arts.append(_tensor_types_artifact(run, res))
     for v in r.gptq:
         res = recs[v.artifact]["result"]
         arts.append(GPTQArtifact(**_files(run, v.artifact), type=v.artifact, bits=res["bits"], group_size=res["group_size"],
@@ -458,6 +497,18 @@ def _artifacts(run: _Run, r: Recipe, rows: dict) -> list:
                                  gptq_loader=res["gptq_loader"] if "gptq_loader" in res else _loader(run, v),
                                  metrics=Metrics.from_bench_row(rows.get(v.artifact))))
     return arts
+
+
+def _tensor_types_artifact(run: _Run, res: dict) -> Artifact:
+    """A mix's ``.tensor-types.txt`` (for ``--tensor-type-file``), written again from the stage record when missing."""
+    from edgequant.atomic import write_text
+
+    name = res["mix"]["tensor_types_file"]
+    p = run.out / name
+    text = "\n".join(res["tensor_types"]) + "\n"
+    if not p.is_file() or p.read_text() != text:
+        write_text(p, text)
+    return Artifact(path=name, files=[name], kind="tensor_types", sha256=sha256_file(p), size_bytes=p.stat().st_size)
 
 
 def _loader(run: _Run, v: GPTQVariant) -> str | None:

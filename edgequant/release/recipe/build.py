@@ -16,11 +16,12 @@ from typing import Any, Callable
 import gguf
 
 from edgequant.errors import EdgequantError
+from edgequant.mix.target import parse_target
 from edgequant.quantize import types as qtypes
 from edgequant.release.recipe.check import Checker, Table, find_line, show, toml_type
 from edgequant.release.recipe.schema import (
-    ARRAY_TABLES, ARTIFACT_NAME, DEFAULT_GGUF, DEVICES, HUB_ID, METRICS, SECTIONS, SPEED_METRICS, TABLES,
-    GGUFVariant, Gate, Recipe, _Origin, base_names, key_fields, kind, spec,
+    ARRAY_TABLES, ARTIFACT_NAME, DEFAULT_GGUF, DEVICES, HUB_ID, METRICS, SECTIONS, SPEED_METRICS, TABLES, TARGET_KEYS,
+    TARGET_OPTIONS, TYPE_OPTIONS, GGUFVariant, Gate, Recipe, _Origin, base_names, key_fields, kind, spec,
 )
 from edgequant.text import BUILTIN_ALIASES, DATASETS
 from edgequant.units import parse_size
@@ -39,6 +40,9 @@ def build(raw: dict, *, base_dir: str, text: str | None, file: str | None, flags
     # the artifacts, their gates, then the card
     tables = {name: _settings(Table(chk, _table(raw, name), name), SECTIONS[name]) for name in ("imatrix", "calibration", "bench")}
     gguf_variants = _gguf_variants(chk, rel, _entries(raw, "gguf"), tables["imatrix"].default, "gguf" in raw)
+    if release["split_max_size"] and any(v.target is not None for v in gguf_variants):
+        rel.err("split_max_size", "split_max_size with a target entry (target_size/target_bpw/target_kld): choosing a "
+                                  "per-tensor mix reads one unsplit base file; remove one of them")
     gptq_variants = [_settings(Table(chk, e, "gptq", i), SECTIONS["gptq"]) for i, e in enumerate(_entries(raw, "gptq"))]
     names = _unique_names(chk, release["base_type"], gguf_variants, gptq_variants)
     gates = [_gate(chk, e, i, names, release["devices"], tables["bench"].speed) for i, e in enumerate(_entries(raw, "gates"))]
@@ -230,10 +234,28 @@ def _tensor_types(t: Table, key: str, v: tuple[str, ...], default: Any) -> tuple
     return v
 
 
+def _ggml_types(t: Table, key: str, v: tuple[str, ...], default: Any) -> tuple[str, ...]:
+    return tuple(n.lower() for n in (_ggml_type(t, key, x) for x in v) if n)
+
+
+def _target(t: Table, key: str, v: Any, default: Any) -> Any:
+    """``target_size``/``target_bpw``/``target_kld``: what ``edgequant quantize --target-*`` accepts."""
+    if v is None:
+        return v
+    try:
+        parse_target(**{key.removeprefix("target_"): v})
+    except EdgequantError as e:
+        example = {"target_size": "\"4.2G\"", "target_bpw": "4.5", "target_kld": "0.01"}[key]
+        t.err(key, f"{key} = {show(v)} in {t.label}: {str(e).split(': ', 1)[-1]} (e.g. {key} = {example})", value=v)
+        return None
+    return v
+
+
 # Key.check -> check(table, key, value read by its type, default) -> the value to keep
 CHECKS: dict[str, Callable[[Table, str, Any, Any], Any]] = {
     "text": _text, "file": _file, "artifact_name": _artifact_name, "hub_id": _hub_id, "fraction": _fraction,
-    "devices": _devices, "ggml_type": _ggml_type, "tensor_types": _tensor_types,
+    "devices": _devices, "ggml_type": _ggml_type, "tensor_types": _tensor_types, "ggml_types": _ggml_types,
+    "target": _target,
 }
 
 
@@ -332,9 +354,13 @@ def _gguf_variants(chk: Checker, rel: Table, tables: list[dict], imatrix_default
 def _gguf_variant(t: Table, imatrix_default: bool) -> GGUFVariant | None:
     """One GGUF entry; types that need an importance matrix get one (``imatrix = false`` for them is an error)."""
     t.unknown_keys()
-    if "type" not in t.data:
-        t.err("type", f"{t.label} has no type: add type = \"Q4_K_M\" (or another catalogue type)")
-        return None
+    targets = [k for k in TARGET_KEYS if t.data.get(k) is not None]
+    if targets or "type" not in t.data:
+        return _target_variant(t, targets, imatrix_default)
+    for k in TARGET_OPTIONS:
+        if k in t.data:
+            t.err(k, f"{k} in {t.label} applies to target entries (target_size, target_bpw, target_kld), not to "
+                     f"type = {show(t.data['type'])}", value=t.data[k])
     qt = _quant_type(t, "type", t.data["type"])
     if qt is None:
         return None
@@ -344,6 +370,38 @@ def _gguf_variant(t: Table, imatrix_default: bool) -> GGUFVariant | None:
             t.err("imatrix", f"{qt.name} needs an importance matrix; remove imatrix = false (or choose another type)", value=False)
         use = True
     return GGUFVariant(type=qt.name, imatrix=use, **_read_keys(t, GGUFVariant))
+
+
+def _target_variant(t: Table, targets: list[str], imatrix_default: bool) -> GGUFVariant | None:
+    """A target entry (``{target_size = "4.2G"}``): exactly one target, no type and none of a type's options."""
+    if not targets:
+        t.err("type", f"{t.label} has no type: add type = \"Q4_K_M\" (or another catalogue type), or a target: "
+                      f"target_size = \"4.2G\", target_bpw = 4.5 or target_kld = 0.01")
+        return None
+    ok = True
+    if "type" in t.data:
+        t.err(targets[0], f"{t.label} has both type and {targets[0]}: a target entry chooses per-tensor types "
+                          f"itself; keep one", value=t.data[targets[0]])
+        ok = False
+    if len(targets) > 1:
+        t.err(targets[1], f"{t.label} has {' and '.join(targets)}: give one target per entry", value=t.data[targets[1]])
+        ok = False
+    for k in TYPE_OPTIONS:
+        if k in t.data:
+            t.err(k, f"{k} in {t.label} applies to type entries: a target entry chooses every tensor's type itself",
+                  value=t.data[k])
+            ok = False
+    if isinstance(t.data.get("target_size"), int) and not isinstance(t.data["target_size"], bool):
+        t.data = {**t.data, "target_size": str(t.data["target_size"])}  # a byte count
+    slowdown = t.data.get("max_slowdown")
+    if isinstance(slowdown, (int, float)) and not isinstance(slowdown, bool) and slowdown < 0:
+        t.err("max_slowdown", f"max_slowdown = {slowdown} in {t.label}: use a percent >= 0 (or speed_check = false)",
+              value=slowdown)
+        ok = False
+    keys = _read_keys(t, GGUFVariant)
+    if not ok or keys[targets[0]] is None:
+        return None
+    return GGUFVariant(**{**keys, "imatrix": t.bool("imatrix", imatrix_default)})
 
 
 def _quant_type(t: Table, key: str, value: Any) -> qtypes.QuantType | None:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 
 from edgequant.bench.options import BenchOptions
 from edgequant.export.options import CONVERTERS, DEFAULT_CONVERTER, DEFAULT_SLIDING_WINDOW, SLIDING_WINDOW_MODES
+from edgequant.mix.target import Target, TargetOptions, parse_target
 from edgequant.naming import gptq_label
 from edgequant.quantize.expert_coverage import DEFAULT_POLICY as DEFAULT_UNSEEN_EXPERTS, POLICIES as UNSEEN_EXPERTS
 from edgequant.quantize.gptq_options import MOE_ROUTINGS, GPTQOptions
@@ -35,6 +36,10 @@ DEVICES = ("cpu", "cuda")
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's accepted values
 DEFAULT_GGUF = ("Q8_0", "Q4_K_M")
+TARGET_KEYS = ("target_size", "target_bpw", "target_kld")
+# keys only a target entry takes, and keys only a type entry takes
+TARGET_OPTIONS = ("max_slowdown", "speed_check", "calibration_chunks", "exclude_types")
+TYPE_OPTIONS = ("output_tensor_type", "token_embedding_type", "tensor_types", "pure", "leave_output_tensor")
 
 # metric -> the bound that makes sense for it ("max": lower is better; "min": higher is better)
 METRICS: dict[str, str] = {
@@ -127,9 +132,11 @@ class _Keys:
 
 @dataclass(frozen=True)
 class GGUFVariant(_Keys):
-    """One GGUF file type. ``imatrix`` is resolved: types that need one always have it."""
+    """One GGUF file: a catalogue type, or a target (``target_size``/``target_bpw``/``target_kld``) for which
+    ``edgequant.mix`` chooses per-tensor types. ``imatrix`` is resolved: types that need one always have it."""
 
-    type: str = key(doc="catalogue name (edgequant.quantize.types), upper case", check="gguf_type")
+    type: str | None = key(None, "catalogue name (edgequant.quantize.types), upper case; absent for a target entry",
+                           check="gguf_type")
     imatrix: bool = key(False, "quantize with the importance matrix; default: [imatrix] default", check="gguf_imatrix")
     name: str | None = key(None, "artifact name when it is not the type, e.g. Q4_K_L for Q4_K_M + Q8_0 output",
                            check="artifact_name")
@@ -138,10 +145,44 @@ class GGUFVariant(_Keys):
     tensor_types: tuple[str, ...] = key((), "PATTERN=TYPE, llama-quantize's --tensor-type", check="tensor_types")
     pure: bool = key(False, "every matrix in the base type (--pure)")
     leave_output_tensor: bool = key(False, "do not quantize output.weight")
+    # a target entry: per-tensor types chosen by measurement (edgequant quantize --target-*)
+    target_size: str | None = key(None, "the lowest-KLD mix within this file size, e.g. \"4.2G\"", check="target")
+    target_bpw: float | None = key(None, "the lowest-KLD mix within these bits per weight, e.g. 4.5", check="target")
+    target_kld: float | None = key(None, "the smallest mix whose mean KLD stays within this, e.g. 0.01", check="target")
+    max_slowdown: float = option_key(TargetOptions, "max_slowdown", "target entries: percent pp/tg the mix may lose "
+                                     "against the standard type nearest its size")
+    speed_check: bool = key(True, "target entries: measure speed and leave out types that cost more than "
+                            "max_slowdown (false: choose on KLD alone)")
+    calibration_chunks: int = option_key(TargetOptions, "calibration_chunks", "target entries: chunks of the "
+                                         "calibration text its KLD probes run on", minimum=1)
+    exclude_types: tuple[str, ...] = key((), "target entries: ggml types no tensor may take, e.g. [\"q4_1\"]",
+                                         check="ggml_types")
+
+    def to_dict(self) -> dict:
+        """The keys that apply: a type entry's (as before target entries existed, so stage keys stay), or a
+        target entry's (its target, the target options and the keys both share)."""
+        d = super().to_dict()
+        if self.target is None:
+            return {k: v for k, v in d.items() if k not in TARGET_KEYS + TARGET_OPTIONS}
+        return {k: v for k, v in d.items() if k not in ("type", *TYPE_OPTIONS) and not (k in TARGET_KEYS and v is None)}
+
+    @property
+    def target(self) -> Target | None:
+        """The mix target of a target entry, else None."""
+        if self.target_size is not None:
+            return parse_target(size=self.target_size)
+        if self.target_bpw is not None:
+            return parse_target(bpw=self.target_bpw)
+        if self.target_kld is not None:
+            return parse_target(kld=self.target_kld)
+        return None
 
     @property
     def artifact(self) -> str:
-        return self.name or self.type
+        """The name, else the type, else ``<target>-mix`` (``4.2G-mix``, ``4.5bpw-mix``, ``kld0.01-mix``)."""
+        if self.name or self.type:
+            return self.name or self.type
+        return f"{self.target.label}-mix"
 
 
 @dataclass(frozen=True)
@@ -327,6 +368,11 @@ class Recipe:
     @property
     def needs_imatrix(self) -> bool:
         return any(v.imatrix for v in self.gguf)
+
+    @property
+    def has_mix(self) -> bool:
+        """A GGUF entry is a target (its choice reads the calibration text)."""
+        return any(v.target is not None for v in self.gguf)
 
     @property
     def imatrix_device(self) -> str:
