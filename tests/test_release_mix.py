@@ -78,3 +78,24 @@ threads = 2
     again = release(load_recipe(recipe))
     assert again.made == [] and "5.5bpw-mix" in again.skipped
     assert (out / x["tensor_types_file"]).read_text().split() == listed
+
+
+def test_impossible_target_names_its_entry(kquant_dir, tmp_path):
+    """A target the model cannot meet (below its smallest candidate file) stops the release with one line
+    naming the entry; nothing is left under the mix's name."""
+    from edgequant.errors import EdgequantError
+
+    out = tmp_path / "dist"
+    recipe = tmp_path / "release.toml"
+    recipe.write_text(f"""
+[release]
+source = "{kquant_dir.as_posix()}"
+name = "Kq"
+output = "{out.as_posix()}"
+gguf = [{{target_size = "10K", speed_check = false}}]
+""")
+    with pytest.raises(EdgequantError) as e:
+        release(load_recipe(recipe))
+    msg = str(e.value)
+    assert msg.startswith("gguf entry 10K-mix: --target-size 10K") and "\n" not in msg, msg
+    assert not list(out.glob("Kq-10K-mix*")) and not list(out.rglob("*.part"))

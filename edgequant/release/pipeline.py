@@ -25,7 +25,7 @@ from typing import Callable
 from rich.markup import escape
 
 from edgequant.env import tool_versions
-from edgequant.errors import GateFailed
+from edgequant.errors import EdgequantError, GateFailed
 from edgequant.naming import gptq_folder
 from edgequant.release.manifest import (Artifact, BenchInfo, ChatTemplate, GGUFArtifact, GPTQArtifact, Host,
                                         ImatrixArtifact, Manifest, Metrics, RecipeRecord, Source, StageTime, fallback_list)
@@ -280,7 +280,13 @@ def _mix(run: _Run, v: GGUFVariant) -> tuple[list[Path], dict]:
                          ctx=r.bench.ctx, calibration_chunks=v.calibration_chunks,
                          max_slowdown=v.max_slowdown if v.speed_check else None, threads=r.bench.threads or 0,
                          exclude_types=v.exclude_types, force=True)
-    res = quantize_target(run.base_files[0], v.target, out / f"{r.name}-{v.artifact}.gguf", opts)
+    try:
+        res = quantize_target(run.base_files[0], v.target, out / f"{r.name}-{v.artifact}.gguf", opts)
+    except EdgequantError as e:  # an impossible target for this model: say which entry
+        raise EdgequantError(f"gguf entry {v.artifact}: {e}") from None
+    if not res.met:
+        run.log(f"[yellow]{escape(v.artifact)}: the target was not met[/] (measured KLD "
+                f"{res.measured.get('kld_mean'):.4g} on the calibration chunks); the card and manifest say so")
     path = Path(res.file)
     summary = {"target": res.target.to_dict(), "file_type": res.file_type, "budget_bytes": res.budget_bytes,
                "predicted_kld": res.predicted_kld, "calibration_kld": res.measured.get("kld_mean"), "met": res.met,
