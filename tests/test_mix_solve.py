@@ -104,3 +104,39 @@ def test_with_metadata_adds_and_replaces_keys_and_keeps_the_tensors(tmp_path):
     for t in r.tensors:
         np.testing.assert_array_equal(np.asarray(t.data).reshape(arrays[t.name].shape), arrays[t.name])
     assert set(read_layout(dst).tensors) == set(arrays)
+
+
+def test_kernel_speeds_and_the_speed_model():
+    """ggml's kernels time every type that fits a row length (none that does not), and the speed model
+    built on them says a mix equal to the standard file is exactly as fast, one in slower kernels slower,
+    and a speed penalty that is zero for the standard's own types."""
+    from edgequant.mix.cost import TensorCosts
+    from edgequant.mix.kernels import measure_kernels
+    from edgequant.mix.speed import build_model
+
+    Q = gguf.GGMLQuantizationType
+    k = measure_kernels([Q.Q8_0, Q.Q4_K, Q.Q5_1], [256, 96], threads=2, reps=1)
+    assert set(k) == {("Q8_0", 256), ("Q4_K", 256), ("Q5_1", 256), ("Q8_0", 96), ("Q5_1", 96)}  # Q4_K needs 256
+    assert all(s.pp_s_per_weight > 0 and s.tg_s_per_weight > 0 for s in k.values())
+
+    def tc(name, role, shape, types):
+        return TensorCosts(name, role, shape, Q.F16, shape[1], shape[1], {q: 1 for q in types})
+
+    costs = {"blk.0.ffn_up.weight": tc("blk.0.ffn_up.weight", "ffn_up", [256, 512], [Q.Q8_0, Q.Q4_K, Q.Q5_1]),
+             "blk.0.attn_q.weight": tc("blk.0.attn_q.weight", "attn_q", [96, 96], [Q.Q8_0, Q.Q5_1]),
+             "token_embd.weight": tc("token_embd.weight", "token_embd", [96, 1000], [Q.Q8_0, Q.Q5_1])}
+    ref = {"blk.0.ffn_up.weight": "q4_k", "blk.0.attn_q.weight": "q8_0", "token_embd.weight": "q8_0"}
+    m = build_model(costs, ref, k, "Q4_K_M", has_output=True, expert_share=1.0)
+    assert "token_embd.weight" not in m.times  # a row lookup when the model has its own output matrix
+    assert m.ratios({n: t.upper() for n, t in ref.items()}) == pytest.approx((1.0, 1.0))
+    slow = {**{n: t.upper() for n, t in ref.items()}, "blk.0.ffn_up.weight": "Q5_1", "blk.0.attn_q.weight": "Q5_1"}
+    pp, tg = m.ratios(slow)
+
+    def total(types, attr):
+        return (256 * 512 * getattr(k[(types[0], 256)], attr) + 96 * 96 * getattr(k[(types[1], 96)], attr))
+
+    assert pp == pytest.approx(total(("Q5_1", "Q5_1"), "pp_s_per_weight") / total(("Q4_K", "Q8_0"), "pp_s_per_weight"))
+    assert tg == pytest.approx(total(("Q5_1", "Q5_1"), "tg_s_per_weight") / total(("Q4_K", "Q8_0"), "tg_s_per_weight"))
+    assert m.penalty("token_embd.weight", "Q5_1") == 0.0
+    tied = build_model(costs, ref, k, "Q4_K_M", has_output=False, expert_share=1.0)
+    assert "token_embd.weight" in tied.times  # tied embeddings: token_embd is also the output matrix

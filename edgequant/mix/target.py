@@ -19,8 +19,12 @@ The phases (each behind a progress bar):
    ``llama-quantize --tensor-type-file``) and embedded in it (``quantize.tensor_types``).
 6. **verify**: the file's real KLD on the calibration chunks beside the predicted one; for a KLD
    target the choice is tightened by the measured/predicted ratio until the bound holds.
-7. **speed**: pp/tg of the mix beside the standard type nearest its size; with ``max_slowdown`` a
-   type that makes the mix slower than that is left out and the choice made again.
+7. **speed**: with ``max_slowdown``, before choosing, ggml's kernels on this machine time a matrix
+   multiplication in every candidate type (``kernels.py``); the choice then keeps the mix's
+   predicted multiplication time within ``max_slowdown`` of the standard type nearest the target's
+   size, tensor by tensor through a speed penalty on each option (``speed.py``). After writing, pp/tg
+   of the mix and of that standard file are measured; a mix still slower than allowed (beyond the
+   measurements' noise) is chosen again with the shortfall taken off the allowance.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _FLOATS = (Q.F32, Q.F16, Q.BF16)
 _STANDARD = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
              "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS")
 TENSOR_TYPES_SUFFIX = ".tensor-types.txt"
+TRUST_BITS = 1.5  # candidates go down to this many bits/weight below the calibration's point
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ class _Session:
         self.notes: list[str] = []
         self.standards: dict[str, tuple[dict, Path]] = {}  # standard type -> (its record, its file in tmp)
         self.standard_sizes: dict[str, int] = {}  # standard type -> file size llama.cpp would write (dry runs)
+        self.standard_plans: dict[str, dict[str, str]] = {}  # standard type -> tensor -> its type (dry runs)
 
     def timed(self, phase: str, t0: float) -> None:
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - t0, 2)
@@ -271,23 +277,44 @@ def _run(sess: _Session, info, final: Path, sidecar: Path, t_start: float) -> Ta
     probe_bpw = _probe_bpw(budget, costs)
     sens, roles_cal = _calibrate(sess, probe, costs, probe_bpw, excluded)
     sess.timed("calibration", t0)
+    # the sensitivities were measured near probe_bpw; far below it the additive prediction is an extrapolation
+    # that underestimates (a few Q2_K ffn_down tensors cost far more than predicted), so such types stay out
+    floor = probe_bpw - TRUST_BITS
+    for q in sorted({q for c in costs.values() for q in c.bytes if q not in _FLOATS}, key=int):
+        if qtypes.nominal_bpw(q) < floor and q.name not in excluded:
+            excluded[q.name] = (f"{qtypes.nominal_bpw(q):g} bits/weight, more than {TRUST_BITS:g} below the "
+                                f"{probe_bpw:.2f} the calibration measured at")
 
     standard: dict | None = None
     speed: dict | None = None
+    model = None
+    if opts.max_slowdown is not None:
+        t0 = time.perf_counter()
+        model = _speed_model(sess, costs, sens, budget, excluded, layout.alignment, fixed_bytes + header_bytes, probe)
+        sess.timed("speed model", t0)
+    limit = opts.max_slowdown
     for attempt in range(3):
         picks, predicted, ftype, written, measured, met = _choose_write_verify(
-            sess, costs, sens, budget, excluded, probe, layout.alignment, final)
-        if opts.max_slowdown is None:
+            sess, costs, sens, budget, excluded, probe, layout.alignment, final, model, limit)
+        if model is None:
             break
         t0 = time.perf_counter()
-        standard, speed, slow = _speed_check(sess, written, probe, picks)
+        standard, speed, excess = _speed_check(sess, written, probe, model.standard)
+        speed["model"] = {"standard": model.standard, "limit_percent": round(limit, 2),
+                          "pp_scale": round(model.pp_scale, 3), "tg_scale": round(model.tg_scale, 3),
+                          **dict(zip(("pp_ratio", "tg_ratio"), (round(r, 4) for r in model.ratios(picks))))}
         sess.timed("speed", t0)
-        if not slow or attempt == 2:
-            if slow:
-                sess.notes.append(f"still {speed['slowdown_percent']:.1f} % slower than {standard['type']} after leaving "
-                                  f"out {', '.join(excluded)}")
+        if excess <= 0 or attempt == 2 or limit <= 0:
+            if excess > 0:
+                sess.notes.append(f"measured {speed['slowdown_percent']:.1f} % slower than {standard['type']} (noise "
+                                  f"{speed['noise_percent']:.1f} %) after {attempt + 1} choices, the last predicted no "
+                                  f"slower than {limit:g} % by this machine's kernels")
             break
-        excluded.update(slow)
+        # the kernels' prediction was short of the whole model's slowdown: ask it for that much more, down to
+        # "predicted no slower than the standard file" (a measured excess beyond that is noise or overhead)
+        limit = max(0.0, limit - (excess + 1.0))
+        sess.notes.append(f"the mix measured {speed['slowdown_percent']:.1f} % slower than {standard['type']}; chose "
+                          f"again with {limit:.1f} % allowed on the kernels' prediction")
     if standard is None:
         standard = _standard_nearest(sess, written.stat().st_size)
     os.replace(written, final)
@@ -408,24 +435,66 @@ def _top(c: TensorCosts) -> Q:
 
 
 def _choices(costs: dict[str, TensorCosts], sens: dict[str, float], excluded: dict[str, str],
-             alignment: int, scale: float = 1.0) -> list[solve.Choice]:
+             alignment: int, scale: float = 1.0, model=None, lam: float = 0.0, into: str = "cost") -> list[solve.Choice]:
+    """Each tensor's options; with a speed ``model`` and ``lam`` > 0 each option also pays ``lam`` times its
+    share of the standard file's time, added to its cost (a size target) or to its bytes (a KLD target)."""
     choices = []
     for c in costs.values():
-        opts = [solve.Option(q.name, _aligned(b, alignment), scale * sens.get(c.role, 0.0) * c.error[q])
-                for q, b in c.bytes.items()]
+        opts = []
+        for q, b in c.bytes.items():
+            size, cost = _aligned(b, alignment), scale * sens.get(c.role, 0.0) * c.error[q]
+            if model is not None and lam > 0:
+                extra = lam * model.penalty(c.name, q.name)
+                size, cost = (size + int(round(extra)), cost) if into == "bytes" else (size, cost + extra)
+            opts.append(solve.Option(q.name, size, cost))
         kept = [o for o in opts if o.type not in excluded]
         choices.append(solve.Choice(c.name, kept or opts))  # a tensor keeps its types when all are left out
     return choices
 
 
-def _choose_write_verify(sess: _Session, costs, sens, budget, excluded, probe, alignment, final: Path):
+def _solve(costs, sens, excluded, alignment, scale, budget, target: Target, model=None, limit: float | None = None):
+    """The knapsack; with a speed model, the smallest speed multiplier whose choice the model predicts
+    within ``limit`` percent of the standard file's pp and tg (the fastest it can when none is)."""
+    kld = target.kind == "kld"
+
+    def at(lam: float):
+        choices = _choices(costs, sens, excluded, alignment, scale, model, lam, "bytes" if kld else "cost")
+        return solve.within_cost(choices, target.value) if kld else solve.within_bytes(choices, budget)
+
+    def fits(sol) -> bool:
+        return model.within({n: o.type for n, o in sol.picks.items()}, limit)
+
+    sol = at(0.0)
+    if model is None or limit is None or sol is None or fits(sol):
+        return sol
+    # the penalty of a whole file is about 2 (its share of pp plus of tg): start where it weighs as much as
+    # the whole choice's cost (or bytes), and grow until the model says the choice is fast enough
+    unit = (sol.bytes if kld else sol.cost) or 1e-12
+    lo, hi = 0.0, unit
+    best = at(hi)
+    while best is not None and not fits(best) and hi < unit * 1e6:
+        lo, hi = hi, hi * 4
+        best = at(hi)
+    if best is None or not fits(best):
+        return best
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        cand = at(mid)
+        if cand is not None and fits(cand):
+            hi, best = mid, cand
+        else:
+            lo = mid
+    return best
+
+
+def _choose_write_verify(sess: _Session, costs, sens, budget, excluded, probe, alignment, final: Path,
+                         model=None, limit: float | None = None):
     """Solve, write, measure; for a KLD target, tighten by the measured/predicted ratio until it holds."""
     target = sess.target
     scale, met = 1.0, True
     for attempt in range(4):
         t0 = time.perf_counter()
-        choices = _choices(costs, sens, excluded, alignment, scale)
-        sol = solve.within_cost(choices, target.value) if target.kind == "kld" else solve.within_bytes(choices, budget)
+        sol = _solve(costs, sens, excluded, alignment, scale, budget, target, model, limit)
         if sol is None:
             raise EdgequantError(f"--target-{target.kind} {target.text}: no choice of the remaining types reaches it "
                                  f"(left out: {', '.join(excluded) or 'none'})")
@@ -498,6 +567,7 @@ def _standard_sizes(sess: _Session) -> dict[str, int]:
         if t.needs_imatrix and sess.opts.imatrix is None:
             continue
         planned = dry_run(sess.src, name)
+        sess.standard_plans[name] = planned
         total = header
         for tensor, tname in planned.items():
             shape = shapes[tensor]
@@ -513,22 +583,21 @@ def _standard_nearest(sess: _Session, size: int) -> dict:
     return {"type": name, "size_bytes_estimate": sizes[name]}
 
 
-def _standard_file(sess: _Session, size: int, probe) -> tuple[dict, Path]:
-    """The standard type nearest ``size``, written once per session (with its KLD and speed)."""
+def _standard_file(sess: _Session, name: str, probe) -> tuple[dict, Path]:
+    """The standard type ``name``, written once per session (with its KLD and speed)."""
     from edgequant.bench.speed import measure_speed
 
-    std = _standard_nearest(sess, size)
     cache = sess.standards
-    if std["type"] not in cache:
-        path = sess.quantize_to(f"standard-{std['type']}.gguf", std["type"], [])
+    if name not in cache:
+        std = {"type": name, "size_bytes_estimate": _standard_sizes(sess)[name]}
+        path = sess.quantize_to(f"standard-{name}.gguf", name, [])
         info = inspect_gguf(path)
-        with progress_count(f"speed: {std['type']}", 1) as bar:
+        with progress_count(f"speed: {name}", 1) as bar:
             speed = measure_speed(path, threads=sess.opts.threads or None, reps=sess.opts.speed_reps)
             bar.advance(1)
-        std.update(size_bytes=info.size_bytes, bits_per_weight=info.bits_per_weight, kld=probe.kld(path),
-                   tensor_types={t.name: t.type for t in info.tensors}, speed=speed)
-        cache[std["type"]] = (std, path)
-    return cache[std["type"]]
+        std.update(size_bytes=info.size_bytes, bits_per_weight=info.bits_per_weight, kld=probe.kld(path), speed=speed)
+        cache[name] = (std, path)
+    return cache[name]
 
 
 def _slowdown(mine, theirs) -> tuple[float, float, float, float]:
@@ -545,55 +614,53 @@ def _slowdown(mine, theirs) -> tuple[float, float, float, float]:
             noise(mine.tg_tps, mine.tg_std, theirs.tg_tps, theirs.tg_std))
 
 
-def _speed_check(sess: _Session, written: Path, probe, picks: dict[str, str]):
-    """pp/tg of the mix and of the standard type nearest its size, on the same machine in the same run.
-    When the mix is clearly slower than ``max_slowdown`` (beyond the measurements' noise), the types to
-    leave out, with why: each type the standard file does not use is put back to the standard file's
-    type in a variant of the mix, measured on this model; the ones whose removal clearly speeds it up go."""
+def _speed_check(sess: _Session, written: Path, probe, standard: str):
+    """pp/tg of the mix and of the standard type, on the same machine in the same run; the percent by
+    which the mix is slower than ``max_slowdown`` allows beyond the measurements' noise (<= 0: within)."""
     from edgequant.bench.speed import measure_speed
 
-    std, _ = _standard_file(sess, written.stat().st_size, probe)
+    std, _ = _standard_file(sess, standard, probe)
     theirs = std["speed"]
     with progress_count("speed: the mix", 1) as bar:
         mine = measure_speed(written, threads=sess.opts.threads or None, reps=sess.opts.speed_reps)
         bar.advance(1)
     slow_pp, slow_tg, noise_pp, noise_tg = _slowdown(mine, theirs)
+    limit = sess.opts.max_slowdown
     speed = {"mix": mine.to_dict(), "standard": theirs.to_dict(), "pp_slowdown_percent": round(slow_pp, 2),
              "tg_slowdown_percent": round(slow_tg, 2), "slowdown_percent": round(max(slow_pp, slow_tg), 2),
-             "noise_percent": round(max(noise_pp, noise_tg), 2), "max_slowdown_percent": sess.opts.max_slowdown}
-    public = {k: v for k, v in std.items() if k not in ("speed", "tensor_types")}
-    limit = sess.opts.max_slowdown
-    if slow_pp - noise_pp <= limit and slow_tg - noise_tg <= limit:
-        return public, speed, {}
-    std_types = {t.upper() for t in std["tensor_types"].values()}
-    # the types the standard file does not use, the one holding most weights first: once putting one back
-    # brings the mix within the limit, the rest are not measured
-    weights = {t.name: math.prod(t.shape) for t in sess.info.tensors}
-    share: dict[str, int] = {}
-    for n, t in picks.items():
-        if t not in std_types:
-            share[t] = share.get(t, 0) + weights[n]
-    suspects = sorted(share, key=lambda t: -share[t])
-    gains = {}
-    with progress_count("speed: which types slow the mix", len(suspects)) as bar:
-        for t in suspects:
-            variant = {n: (std["tensor_types"][n].upper() if p == t else p) for n, p in picks.items()}
-            path = sess.quantize_to(f"speed-{t}.gguf", std["type"], tensor_type_lines(variant))
-            r = measure_speed(path, threads=sess.opts.threads or None, reps=sess.opts.speed_reps)
-            path.unlink()
-            g_pp, g_tg, n_pp, n_tg = _slowdown(mine, r)  # how much slower the mix is than the variant
-            gains[t] = (g_pp - n_pp, g_tg - n_tg, g_pp, g_tg)
-            bar.advance(1)
-            v_pp, v_tg, vn_pp, vn_tg = _slowdown(r, theirs)  # the variant against the standard file
-            if max(g_pp - n_pp, g_tg - n_tg) > 0 and v_pp - vn_pp <= limit and v_tg - vn_tg <= limit:
-                break  # this type explains the slowdown
-    out = {}
-    for t, (c_pp, c_tg, g_pp, g_tg) in gains.items():
-        if max(c_pp, c_tg) > 0:
-            out[t] = (f"the mix was {max(slow_pp, slow_tg):.1f} % slower than {std['type']} (pp {slow_pp:+.1f} %, tg "
-                      f"{slow_tg:+.1f} %; limit {limit:g} %); with {t} put back to {std['type']}'s types it was "
-                      f"{g_pp:.1f} % faster in pp, {g_tg:.1f} % in tg")
-    if not out and gains:  # none clearly: the one with the largest gain
-        t = max(gains, key=lambda k: max(gains[k][2], gains[k][3]))
-        out[t] = f"the mix was {max(slow_pp, slow_tg):.1f} % slower than {std['type']}; {t} cost it the most speed"
-    return public, speed, out
+             "noise_percent": round(max(noise_pp, noise_tg), 2), "max_slowdown_percent": limit}
+    public = {k: v for k, v in std.items() if k != "speed"}
+    return public, speed, max(slow_pp - noise_pp, slow_tg - noise_tg) - limit
+
+
+def _speed_model(sess: _Session, costs: dict[str, TensorCosts], sens, budget, excluded, alignment: int,
+                 overhead: int, probe):
+    """This machine's kernel speeds for every candidate type, and the model of the mix's time beside the
+    standard type nearest the target's size (for a KLD target: nearest the choice made without speed),
+    calibrated on that standard file's measured speed."""
+    from edgequant.mix.kernels import measure_kernels
+    from edgequant.mix.speed import build_model
+
+    sizes = _standard_sizes(sess)
+    if budget is None:
+        sol = _solve(costs, sens, excluded, alignment, 1.0, budget, sess.target)
+        size = (sol.bytes if sol is not None else sum(c.bytes[_top(c)] for c in costs.values())) + overhead
+    else:
+        size = budget + overhead
+    standard = min(sizes, key=lambda k: abs(sizes[k] - size))
+    plan = sess.standard_plans[standard]
+    types = {q for c in costs.values() for q in c.bytes} | {Q[plan[n].upper()] for n in costs if n in plan}
+    with progress_count("speed: this machine's kernels", 1) as bar:
+        kernels = measure_kernels(sorted(types), [c.shape[0] for c in costs.values()],
+                                  threads=sess.opts.threads or None)
+        bar.advance(1)
+    md = sess.info.metadata
+    arch = md.get("general.architecture")
+    used, total = md.get(f"{arch}.expert_used_count"), md.get(f"{arch}.expert_count")
+    share = used / total if isinstance(used, int) and isinstance(total, int) and total else 1.0
+    has_output = any(t.name == "output.weight" for t in sess.info.tensors)
+    model = build_model(costs, plan, kernels, standard, has_output=has_output, expert_share=share)
+    std, _ = _standard_file(sess, standard, probe)
+    sp = std["speed"]
+    model.calibrate(sp.pp / sp.pp_tps if sp.pp_tps else None, 1.0 / sp.tg_tps if sp.tg_tps else None)
+    return model
