@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--exclude-type", action="append", default=[],
                     help="types the mix may not use (SmolLM2's fixture is rebuilt from Q4_1: --exclude-type q4_1 "
                          "keeps the mix from exploiting that grid)")
-    ap.add_argument("--max-slowdown", default="off", help="passed to the mix ('off' by default: speed is reported)")
+    ap.add_argument("--max-slowdown", default="5", help="passed to the mix (5, the CLI's default; 'off': no speed check)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "edgequant" / "bench" / "target_mix"))
     ap.add_argument("--llama-cpp-bin", default=os.environ.get("LLAMA_CPP_BIN"))
     ap.add_argument("--json", action="store_true")
