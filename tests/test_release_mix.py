@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
@@ -50,7 +49,8 @@ threads = 2
 
     m = json.loads((out / "manifest.json").read_text())
     for a in m["artifacts"]:  # every listed file is there with its sha256
-        assert hashlib.sha256((out / a["path"]).read_bytes()).hexdigest() == (a.get("file_sha256") or {a["path"]: a["sha256"]})[a["path"]]
+        want = (a.get("file_sha256") or {a["path"]: a["sha256"]})[a["path"]]
+        assert hashlib.sha256((out / a["path"]).read_bytes()).hexdigest() == want
     assert Manifest.from_dict(m).to_dict() == m
     arts = {a["path"]: a for a in m["artifacts"]}
     mix = arts["Kq-5.5bpw-mix.gguf"]

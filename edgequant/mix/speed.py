@@ -15,12 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import gguf
-
 from edgequant.mix.cost import TensorCosts
 from edgequant.mix.kernels import KernelSpeed
-
-Q = gguf.GGMLQuantizationType
 
 
 @dataclass

@@ -651,8 +651,13 @@ def _speed_model(sess: _Session, costs: dict[str, TensorCosts], sens, budget, ex
     plan = sess.standard_plans[standard]
     types = {q for c in costs.values() for q in c.bytes} | {Q[plan[n].upper()] for n in costs if n in plan}
     with progress_count("speed: this machine's kernels", 1) as bar:
-        kernels = measure_kernels(sorted(types), [c.shape[0] for c in costs.values()],
-                                  threads=sess.opts.threads or None)
+        try:
+            kernels = measure_kernels(sorted(types), [c.shape[0] for c in costs.values()],
+                                      threads=sess.opts.threads or None)
+        except (OSError, AttributeError, MemoryError) as e:  # a libggml without these symbols, or no memory
+            sess.notes.append(f"this machine's kernel speeds could not be measured ({e}); chose without the "
+                              f"speed model and measured no speed")
+            return None
         bar.advance(1)
     md = sess.info.metadata
     arch = md.get("general.architecture")

@@ -151,8 +151,8 @@ class GGUFVariant(_Keys):
     target_kld: float | None = key(None, "the smallest mix whose mean KLD stays within this, e.g. 0.01", check="target")
     max_slowdown: float = option_key(TargetOptions, "max_slowdown", "target entries: percent pp/tg the mix may lose "
                                      "against the standard type nearest its size")
-    speed_check: bool = key(True, "target entries: measure speed and leave out types that cost more than "
-                            "max_slowdown (false: choose on KLD alone)")
+    speed_check: bool = key(True, "target entries: keep the mix within max_slowdown of the standard type (this "
+                            "machine's kernel speeds, then a measurement); false: choose on KLD alone")
     calibration_chunks: int = option_key(TargetOptions, "calibration_chunks", "target entries: chunks of the "
                                          "calibration text its KLD probes run on", minimum=1)
     exclude_types: tuple[str, ...] = key((), "target entries: ggml types no tensor may take, e.g. [\"q4_1\"]",
