@@ -22,18 +22,19 @@ def kquant_dir():
     return tiny_kquant_llama()
 
 
+def _recipe(source, tmp_path, gguf_list: str, tables: str = ""):
+    """The output folder and a recipe releasing ``source`` as ``Kq`` with ``gguf = <gguf_list>``."""
+    out, recipe = tmp_path / "dist", tmp_path / "release.toml"
+    recipe.write_text(f'[release]\nsource = "{source.as_posix()}"\nname = "Kq"\noutput = "{out.as_posix()}"\n'
+                      f"gguf = {gguf_list}\n{tables}")
+    return out, recipe
+
+
 def test_release_with_a_target_entry(kquant_dir, tmp_path):
     import gguf
 
-    out = tmp_path / "dist"
-    recipe = tmp_path / "release.toml"
-    recipe.write_text(f"""
-[release]
-source = "{kquant_dir.as_posix()}"
-name = "Kq"
-output = "{out.as_posix()}"
-gguf = ["Q4_K_M", {{target_bpw = 5.5, imatrix = true, max_slowdown = 50, calibration_chunks = 3}}]
-
+    out, recipe = _recipe(kquant_dir, tmp_path, '["Q4_K_M", {target_bpw = 5.5, imatrix = true, max_slowdown = 50, '
+                                                 'calibration_chunks = 3}]', """
 [imatrix]
 ctx = 64
 chunks = 8
@@ -85,15 +86,7 @@ def test_impossible_target_names_its_entry(kquant_dir, tmp_path):
     naming the entry; nothing is left under the mix's name."""
     from edgequant.errors import EdgequantError
 
-    out = tmp_path / "dist"
-    recipe = tmp_path / "release.toml"
-    recipe.write_text(f"""
-[release]
-source = "{kquant_dir.as_posix()}"
-name = "Kq"
-output = "{out.as_posix()}"
-gguf = [{{target_size = "10K", speed_check = false}}]
-""")
+    out, recipe = _recipe(kquant_dir, tmp_path, '[{target_size = "10K", speed_check = false}]')
     with pytest.raises(EdgequantError) as e:
         release(load_recipe(recipe))
     msg = str(e.value)
