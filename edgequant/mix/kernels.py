@@ -20,6 +20,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from edgequant.quantize.ggml_rows import library, row_bytes
+
 Q = gguf.GGMLQuantizationType
 
 
@@ -29,11 +31,10 @@ class _InitParams(ctypes.Structure):  # ggml.h's struct ggml_init_params
 
 @functools.lru_cache(maxsize=1)
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    import llama_cpp  # loads libggml first, so the CDLLs below are the same libraries
+    import llama_cpp  # loads libggml first, so the CDLL below is the same library
 
-    folder = Path(llama_cpp.__file__).parent / "lib"
-    base = ctypes.CDLL(str(folder / "libggml-base.so"))
-    cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"))
+    base = library()  # ggml_row_size and ggml_quantize_chunk are declared there
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
     p = ctypes.c_void_p
     base.ggml_init.restype, base.ggml_init.argtypes = p, [_InitParams]
     base.ggml_free.restype, base.ggml_free.argtypes = None, [p]
@@ -43,9 +44,6 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     base.ggml_new_graph.restype, base.ggml_new_graph.argtypes = p, [p]
     base.ggml_build_forward_expand.restype, base.ggml_build_forward_expand.argtypes = None, [p, p]
     base.ggml_get_data.restype, base.ggml_get_data.argtypes = p, [p]
-    base.ggml_row_size.restype, base.ggml_row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
-    base.ggml_quantize_chunk.restype = ctypes.c_size_t
-    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p]
     cpu.ggml_cpu_init.restype, cpu.ggml_cpu_init.argtypes = None, []
     cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
     cpu.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
@@ -73,13 +71,14 @@ def _fill(base, tensor: int, q: Q, rows: int, k: int, rng: np.random.Generator) 
         ctypes.memmove(data, raw.ctypes.data, raw.nbytes)
     else:
         w = np.ones(k, dtype=np.float32)  # the types that need importance weights take uniform ones
-        base.ggml_quantize_chunk(int(q), x.ctypes.data, data, 0, rows, k, w.ctypes.data)
+        fp = ctypes.POINTER(ctypes.c_float)
+        base.ggml_quantize_chunk(int(q), x.ctypes.data_as(fp), data, 0, rows, k, w.ctypes.data_as(fp))
 
 
 def _time_matmul(base, cpu, q: Q, k: int, rows: int, tokens: int, threads: int, reps: int,
                  rng: np.random.Generator) -> float:
     """The fastest of ``reps`` runs of [rows x k] in type ``q`` times [k x tokens] float32, in seconds."""
-    w_bytes = base.ggml_row_size(int(q), k) * rows
+    w_bytes = row_bytes(int(q), k) * rows
     mem = w_bytes + 4 * k * tokens + 4 * rows * tokens + 4 * k * tokens + (64 << 20)
     ctx = base.ggml_init(_InitParams(mem, None, False))
     if not ctx:

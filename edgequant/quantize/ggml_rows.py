@@ -47,6 +47,12 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def library() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base with the row functions above declared (``ggml_quantize_chunk`` takes
+    float pointers for the values and the importance weights)."""
+    return _lib()
+
+
 def row_bytes(ggml_type: int, n_per_row: int) -> int:
     return int(_lib().ggml_row_size(int(ggml_type), int(n_per_row)))
 
